@@ -1,0 +1,85 @@
+//! The one error type of the library and its mapping to negative errno values.
+
+use std::io;
+
+/// Every failure cowdisk reports. The message says what went wrong and where; the
+/// C ABI turns it into a negative errno with [`Error::errno`] and keeps the message
+/// for `cowdisk_last_error()`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host storage failed (the OS error is kept, with what we were doing).
+    #[error("{context}: {source}")]
+    Io {
+        /// What cowdisk was doing when the host I/O failed.
+        context: String,
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is not a qcow2 image at all.
+    #[error("{0}")]
+    NotQcow2(String),
+    /// The image is qcow2 but its metadata is inconsistent or malformed.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// The image uses a feature cowdisk does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// An argument was out of range or malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A write was attempted on an image opened read-only.
+    #[error("image is read-only: {0}")]
+    ReadOnly(String),
+    /// The image would grow beyond what the format or the configured limits allow.
+    #[error("no space: {0}")]
+    NoSpace(String),
+    /// An earlier failure left the in-memory metadata in doubt; the handle refuses writes.
+    #[error("image handle is broken by an earlier failure: {0}")]
+    Broken(String),
+}
+
+/// Shorthand for results carrying [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps a host I/O error with a description of the operation.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The positive errno value that best describes this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::NotQcow2(_) => libc::EINVAL,
+            Error::Corrupt(_) => libc::EIO,
+            Error::Unsupported(_) => libc::ENOTSUP,
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::NoSpace(_) => libc::ENOSPC,
+            Error::Broken(_) => libc::EIO,
+        }
+    }
+}
+
+/// Builds an [`Error::Corrupt`] from a format string.
+#[macro_export]
+macro_rules! corrupt {
+    ($($arg:tt)*) => { $crate::error::Error::Corrupt(format!($($arg)*)) };
+}
+
+/// Builds an [`Error::InvalidArgument`] from a format string.
+#[macro_export]
+macro_rules! invalid {
+    ($($arg:tt)*) => { $crate::error::Error::InvalidArgument(format!($($arg)*)) };
+}
+
+/// Builds an [`Error::Unsupported`] from a format string.
+#[macro_export]
+macro_rules! unsupported {
+    ($($arg:tt)*) => { $crate::error::Error::Unsupported(format!($($arg)*)) };
+}

@@ -1,0 +1,196 @@
+//! Creating images: validate the options, write a minimal image (header, one-cluster
+//! refcount table, one refcount block), then let the allocator place the L1 table —
+//! the same layout `qemu-img create` produces.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::backing::{backing_format, resolve_backing_path, Backing};
+use super::{CompressionType, CreateOptions, Image, OpenOptions};
+use crate::error::{Error, Result};
+use crate::format::entry::OFFSET_MASK;
+use crate::format::header::{
+    Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, MAX_BACKING_NAME, MAX_CLUSTER_BITS,
+    MAX_L1_BYTES, MIN_CLUSTER_BITS,
+};
+use crate::format::refcount;
+use crate::invalid;
+use crate::io::{FileStorage, Storage};
+
+fn validate(size: u64, opts: &CreateOptions) -> Result<(u32, u32)> {
+    if opts.version != 2 && opts.version != 3 {
+        return Err(invalid!("version must be 2 or 3, not {}", opts.version));
+    }
+    let cs = opts.cluster_size;
+    if !cs.is_power_of_two()
+        || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
+    {
+        return Err(invalid!(
+            "cluster size {cs} must be a power of two from 512 to 2097152"
+        ));
+    }
+    let rb = opts.refcount_bits;
+    if !rb.is_power_of_two() || rb > 64 {
+        return Err(invalid!(
+            "refcount width {rb} must be a power of two from 1 to 64"
+        ));
+    }
+    if opts.version == 2 && rb != 16 {
+        return Err(invalid!(
+            "version 2 images support only 16-bit refcounts (asked for {rb})"
+        ));
+    }
+    if opts.version == 2 && opts.lazy_refcounts {
+        return Err(invalid!("lazy refcounts need a version 3 image"));
+    }
+    if opts.version == 2 && opts.compression_type != CompressionType::Zlib {
+        return Err(invalid!("zstd compression needs a version 3 image"));
+    }
+    if size % 512 != 0 {
+        return Err(invalid!("image size {size} is not a multiple of 512 bytes"));
+    }
+    let cluster_bits = cs.trailing_zeros();
+    let max = 1u64 << (2 * cluster_bits + 19).min(56);
+    if size > max {
+        return Err(invalid!(
+            "image size {size} exceeds the maximum {max} for {cs}-byte clusters"
+        ));
+    }
+    if let Some(b) = &opts.backing_file {
+        if b.len() > MAX_BACKING_NAME as usize {
+            return Err(invalid!(
+                "backing file name is longer than {MAX_BACKING_NAME} bytes"
+            ));
+        }
+    }
+    if let Some(f) = &opts.backing_format {
+        if f != "qcow2" && f != "raw" {
+            return Err(invalid!(
+                "backing format '{f}' is not supported (qcow2 or raw)"
+            ));
+        }
+        if opts.backing_file.is_none() {
+            return Err(invalid!("a backing format needs a backing file"));
+        }
+    }
+    Ok((cluster_bits, rb.trailing_zeros()))
+}
+
+/// Creates the file at `path` and formats it; removes it again if formatting fails.
+pub(crate) fn create_file(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
+    validate(size, opts)?;
+    let storage = FileStorage::create(path)
+        .map_err(|e| Error::io(format!("cannot create '{}'", path.display()), e))?;
+    let result = format_storage(Arc::new(storage), size, opts, Some(path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Writes a new image onto `storage`. `path` (if any) resolves relative backing names.
+pub(crate) fn format_storage(
+    storage: Arc<dyn Storage>,
+    size: u64,
+    opts: &CreateOptions,
+    path: Option<&Path>,
+) -> Result<()> {
+    let (cluster_bits, refcount_order) = validate(size, opts)?;
+    let mut opts = opts.clone();
+    let mut size = size;
+    if let Some(name) = &opts.backing_file {
+        // Check the backing file now (as qemu-img does) and learn its size and format.
+        let resolved = resolve_backing_path(path, name);
+        let fmt = backing_format(&resolved, opts.backing_format.as_deref())?;
+        let probe = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let backing = Backing::open(path, name, Some(fmt), &probe, probe.max_backing_depth)?;
+        if size == 0 {
+            size = backing.size().div_ceil(512) * 512;
+        }
+        opts.backing_format = Some(fmt.to_string());
+    }
+    validate(size, &opts)?;
+
+    let cs = 1u64 << cluster_bits;
+    // The header starts with size 0 (so it is valid without an L1 table); the real
+    // size is written together with the L1 table pointer.
+    let mut header = Header::new(opts.version, cluster_bits, 0, refcount_order);
+    header.refcount_table_offset = cs;
+    header.refcount_table_clusters = 1;
+    if opts.lazy_refcounts {
+        header.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+    }
+    if opts.compression_type == CompressionType::Zstd {
+        header.compression_type = 1;
+        header.incompatible_features |= INCOMPAT_COMPRESSION;
+    }
+    header.backing_file = opts.backing_file.clone();
+    header.backing_format = opts.backing_format.clone();
+
+    let mut first = header.serialize()?;
+    first.resize(cs as usize, 0);
+    let mut reftable = vec![0u8; cs as usize];
+    reftable[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    let mut block = vec![0u8; cs as usize];
+    for i in 0..3 {
+        refcount::set(&mut block, i, refcount_order, 1)?;
+    }
+    let io = |e| Error::io("writing the new image", e);
+    storage.write_at(&first, 0).map_err(io)?;
+    storage.write_at(&reftable, cs).map_err(io)?;
+    storage.write_at(&block, 2 * cs).map_err(io)?;
+    storage.flush().map_err(io)?;
+
+    let l2_span = 1u64 << (2 * cluster_bits - 3);
+    let l1_size = size.div_ceil(l2_span);
+    if l1_size * 8 > MAX_L1_BYTES {
+        return Err(invalid!("image size {size} needs an L1 table beyond 32 MiB"));
+    }
+    {
+        let image = Image::open_storage(
+            storage,
+            &OpenOptions {
+                follow_backing: false,
+                ..OpenOptions::default()
+            },
+        )?;
+        image.lock()?.create_l1_table(l1_size, size)?;
+        image.close()?;
+    }
+    Ok(())
+}
+
+impl super::meta::Meta {
+    /// Allocates and zeroes a fresh L1 table of `entries`, then points the header at it
+    /// and sets the virtual size.
+    fn create_l1_table(&mut self, entries: u64, size: u64) -> Result<()> {
+        self.header.size = size;
+        if entries == 0 {
+            self.write_header()?;
+            return self.sync();
+        }
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(self.cluster_size);
+        let offset = self.alloc_clusters(clusters)?;
+        debug_assert_eq!(offset & !OFFSET_MASK, 0);
+        // Like qemu-img, write only the table's bytes: the file ends right after them.
+        let zeros = vec![0u8; bytes.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(zeros.len() as u64) as usize;
+            self.write_host("new L1 table", &zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        self.write_dirty_refcount_blocks()?;
+        self.sync()?;
+        self.header.l1_size = entries as u32;
+        self.header.l1_table_offset = offset;
+        self.l1 = vec![0; entries as usize];
+        self.write_header()?;
+        self.sync()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! `Meta`: everything about an open image that lives under its lock — the header, the
+//! L1 table, the L2 and refcount caches, the allocator state — and the low-level helpers
+//! the other engine files build on. Its methods are spread over files by concern
+//! (`refcount.rs`, `cluster.rs`, `write.rs`, `read.rs`).
+
+use std::sync::Arc;
+
+use super::backing::Backing;
+use super::cache::TableCache;
+use crate::corrupt;
+use crate::error::{Error, Result};
+use crate::format::header::Header;
+use crate::io::Storage;
+
+/// Refcount table and allocator state.
+pub(crate) struct RefcountState {
+    /// Refcount table entries (raw, big-endian decoded).
+    pub table: Vec<u64>,
+    /// Cached refcount blocks.
+    pub blocks: TableCache,
+    /// First cluster index that may be free.
+    pub free_hint: u64,
+    /// Decrements deferred until the tables that dropped the references are on disk
+    /// (rule 4 of the write order): (host offset, clusters).
+    pub pending_frees: Vec<(u64, u64)>,
+}
+
+/// The state of an open image that sits behind the image's lock.
+pub(crate) struct Meta {
+    pub storage: Arc<dyn Storage>,
+    pub header: Header,
+    pub cluster_bits: u32,
+    pub cluster_size: u64,
+    /// log2 of entries per L2 table.
+    pub l2_bits: u32,
+    /// log2 of refcount entries per refcount block.
+    pub rb_bits: u32,
+    /// The active L1 table (decoded entries).
+    pub l1: Vec<u64>,
+    pub l2_cache: TableCache,
+    pub rc: RefcountState,
+    pub backing: Option<Backing>,
+    /// The image names a backing file that the open options told us not to open.
+    pub backing_refused: bool,
+    pub read_only: bool,
+    /// Highest byte in use on the host: max(file length at open, end of every allocation).
+    pub host_end: u64,
+    /// Set when a failed update may have left the in-memory metadata in doubt.
+    pub broken: Option<String>,
+}
+
+impl Meta {
+    /// Wraps a host I/O error with context.
+    pub fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |e| Error::io(what, e)
+    }
+
+    /// Refuses writes on a read-only or broken handle.
+    pub fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("opened read-only".into()));
+        }
+        if let Some(why) = &self.broken {
+            return Err(Error::Broken(why.clone()));
+        }
+        Ok(())
+    }
+
+    /// Checks that a table of `len` bytes at `offset` is aligned and inside the file.
+    pub fn check_table_location(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        if offset == 0 {
+            return Err(corrupt!("{what} at offset 0 overlaps the header"));
+        }
+        if offset % self.cluster_size != 0 {
+            return Err(corrupt!("{what} at {offset:#x} is not cluster-aligned"));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.host_end => Ok(()),
+            _ => Err(corrupt!(
+                "{what} at {offset:#x} lies outside the file ({} bytes)",
+                self.host_end
+            )),
+        }
+    }
+
+    /// Reads one cluster-sized table from the host.
+    pub fn read_table(&self, what: &str, offset: u64) -> Result<Box<[u8]>> {
+        self.check_table_location(what, offset, self.cluster_size)?;
+        let mut buf = vec![0u8; self.cluster_size as usize].into_boxed_slice();
+        self.storage
+            .read_at(&mut buf, offset)
+            .map_err(Meta::io_err(format!("reading {what} at {offset:#x}")))?;
+        Ok(buf)
+    }
+
+    /// Writes bytes to the host, extending `host_end` as needed.
+    pub fn write_host(&mut self, what: &str, buf: &[u8], offset: u64) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .map_err(Meta::io_err(format!("writing {what} at {offset:#x}")))?;
+        self.host_end = self.host_end.max(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Flushes the host storage (a write barrier).
+    pub fn sync(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(Meta::io_err("flushing the image file"))
+    }
+
+    /// Rewrites the whole header cluster from `self.header`.
+    pub fn write_header(&mut self) -> Result<()> {
+        let mut buf = self.header.serialize()?;
+        buf.resize(self.cluster_size as usize, 0);
+        self.write_host("header", &buf, 0)
+    }
+
+    /// Rewrites the 12-byte field pair at `offset` of the header (QEMU's way of switching
+    /// a table pointer atomically enough: one sector write).
+    pub fn write_header_fields(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.write_host("header fields", bytes, offset)
+    }
+
+    /// Writes one L1 entry in place.
+    pub fn write_l1_entry(&mut self, index: usize) -> Result<()> {
+        let off = self.header.l1_table_offset + index as u64 * 8;
+        let bytes = self.l1[index].to_be_bytes();
+        self.write_host("L1 entry", &bytes, off)
+    }
+
+    /// Writes every dirty cached table back: refcount blocks first, a barrier, then L2
+    /// tables, a barrier, then the deferred refcount decrements. Leaves the image
+    /// consistent on disk.
+    pub fn flush_metadata(&mut self) -> Result<()> {
+        self.write_dirty_refcount_blocks()?;
+        let dirty_l2 = self.l2_cache.dirty_keys();
+        if !dirty_l2.is_empty() {
+            self.sync()?;
+            for key in dirty_l2 {
+                self.write_l2_table(key)?;
+            }
+        }
+        self.sync()?;
+        if !self.rc.pending_frees.is_empty() {
+            self.apply_pending_frees()?;
+            self.write_dirty_refcount_blocks()?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes one cached L2 table to its place.
+    pub fn write_l2_table(&mut self, key: u64) -> Result<()> {
+        let data = self
+            .l2_cache
+            .peek(key)
+            .ok_or_else(|| corrupt!("L2 table at {key:#x} vanished from the cache"))?
+            .to_vec();
+        self.write_host("L2 table", &data, key)?;
+        self.l2_cache.mark_clean(key);
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! The image engine: [`Image`] is an open qcow2 image, safe to share between threads.
+//!
+//! Concurrency: one lock (`Meta`) guards the header, L1, caches and allocator, as
+//! QEMU's `s->lock` does. At this stage data I/O also happens under it; the design
+//! keeps data I/O in `read.rs`/`write.rs` so it can move outside the lock.
+
+mod backing;
+mod cache;
+mod cluster;
+mod create;
+mod meta;
+mod open;
+mod options;
+mod read;
+mod refcount;
+mod write;
+
+pub use options::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::io::Storage;
+use meta::Meta;
+
+/// An open qcow2 image.
+///
+/// All methods take `&self` and may be called from many threads at once. Dropping an
+/// image flushes its metadata (errors are lost then; call [`Image::close`] to see them).
+pub struct Image {
+    meta: Mutex<Meta>,
+    path: Option<PathBuf>,
+    closed: bool,
+}
+
+impl Image {
+    /// Creates a new image file at `path` (which must not exist) of `size` bytes.
+    /// With a backing file and `size == 0`, the backing file's size is used.
+    pub fn create(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
+        create::create_file(path, size, opts)
+    }
+
+    /// Formats `storage` (which should be empty) as a new image.
+    pub fn create_on(storage: Arc<dyn Storage>, size: u64, opts: &CreateOptions) -> Result<()> {
+        create::format_storage(storage, size, opts, None)
+    }
+
+    /// Opens the image at `path`.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Image::open_chain(path, opts, opts.max_backing_depth)
+    }
+
+    pub(crate) fn open_chain(path: &Path, opts: &OpenOptions, depth_left: u32) -> Result<Image> {
+        let storage = crate::io::FileStorage::open(path, !opts.read_only, opts.direct)
+            .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
+        let meta = open::open_meta(Arc::new(storage), opts, Some(path), depth_left)?;
+        Ok(Image {
+            meta: Mutex::new(meta),
+            path: Some(path.to_path_buf()),
+            closed: false,
+        })
+    }
+
+    /// Opens an image on any storage (tests use memory and fault-injecting storage).
+    /// Relative backing file names resolve against the current directory.
+    pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        let meta = open::open_meta(storage, opts, None, opts.max_backing_depth)?;
+        Ok(Image {
+            meta: Mutex::new(meta),
+            path: None,
+            closed: false,
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        self.meta.lock().map_err(|_| {
+            Error::Broken("an earlier call panicked while updating the image".into())
+        })
+    }
+
+    fn check_range(meta: &Meta, len: usize, offset: u64, what: &str) -> Result<()> {
+        let size = meta.header.size;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "{what} of {len} bytes at offset {offset} exceeds the virtual size {size}"
+            ))),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at guest `offset`; the range must lie within the
+    /// virtual size.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut meta = self.lock()?;
+        Image::check_range(&meta, buf.len(), offset, "read")?;
+        meta.read(buf, offset)
+    }
+
+    /// Writes `buf` at guest `offset`; the range must lie within the virtual size.
+    /// On failure the old data stays readable; a failure that may have left metadata
+    /// half-updated makes the handle refuse further writes.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut meta = self.lock()?;
+        meta.check_writable()?;
+        Image::check_range(&meta, buf.len(), offset, "write")?;
+        let result = meta.write(buf, offset);
+        if let Err(e) = &result {
+            if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
+                meta.broken = Some(format!("a write failed: {e}"));
+            }
+        }
+        result
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        let mut meta = self.lock()?;
+        if meta.read_only {
+            return Ok(());
+        }
+        let result = meta.flush_metadata();
+        if let Err(e) = &result {
+            meta.broken = Some(format!("a flush failed: {e}"));
+        }
+        result
+    }
+
+    /// Flushes and closes the image, returning the flush status.
+    pub fn close(mut self) -> Result<()> {
+        self.closed = true;
+        self.flush()
+    }
+
+    /// The virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self.meta.lock() {
+            Ok(m) => m.header.size,
+            Err(poisoned) => poisoned.into_inner().header.size,
+        }
+    }
+
+    /// The path the image was opened from ("" for storage opened directly).
+    pub fn filename(&self) -> String {
+        self.path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Facts about the image and its backing chain.
+    pub fn info(&self) -> ImageInfo {
+        let meta = match self.meta.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let h = &meta.header;
+        ImageInfo {
+            version: h.version,
+            virtual_size: h.size,
+            cluster_size: meta.cluster_size as u32,
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: h.compatible_features & crate::format::header::COMPAT_LAZY_REFCOUNTS
+                != 0,
+            dirty: h.incompatible_features & crate::format::header::INCOMPAT_DIRTY != 0,
+            corrupt: h.incompatible_features & crate::format::header::INCOMPAT_CORRUPT != 0,
+            read_only: meta.read_only,
+            compression_type: if h.compression_type == 1 {
+                CompressionType::Zstd
+            } else {
+                CompressionType::Zlib
+            },
+            nb_snapshots: h.nb_snapshots,
+            host_size: meta.storage.len().unwrap_or(meta.host_end),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            backing_chain: meta.backing.as_ref().map(|b| b.chain()).unwrap_or_default(),
+        }
+    }
+
+    /// True when `[offset, offset+len)` reads as zeros through the whole chain, known
+    /// from metadata alone.
+    pub(crate) fn range_reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        self.lock()?.range_reads_zero(offset, len)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if !self.closed {
+            if let Ok(mut meta) = self.meta.lock() {
+                if !meta.read_only && meta.broken.is_none() {
+                    let _ = meta.flush_metadata();
+                }
+            }
+        }
+    }
+}

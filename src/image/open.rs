@@ -1,0 +1,140 @@
+//! Opening an image: reading and validating the header and tables, sizing the caches,
+//! opening the backing chain, and QEMU's autoclear rule for read-write opens.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::backing::Backing;
+use super::cache::TableCache;
+use super::meta::{Meta, RefcountState};
+use super::OpenOptions;
+use crate::error::{Error, Result};
+use crate::format::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::io::Storage;
+use crate::{corrupt, unsupported};
+
+/// Upper bound of the default L2 cache (QEMU's too).
+const MAX_DEFAULT_L2_CACHE: u64 = 32 * 1024 * 1024;
+/// Refcount blocks kept in memory.
+const REFCOUNT_CACHE_BLOCKS: usize = 16;
+
+fn read_exact(storage: &dyn Storage, len: u64, offset: u64, what: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    storage
+        .read_at(&mut buf, offset)
+        .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
+    Ok(buf)
+}
+
+fn decode_table(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Reads everything `Meta` needs from `storage` and validates it.
+pub(crate) fn open_meta(
+    storage: Arc<dyn Storage>,
+    opts: &OpenOptions,
+    path: Option<&Path>,
+    depth_left: u32,
+) -> Result<Meta> {
+    let file_size = storage
+        .len()
+        .map_err(|e| Error::io("reading the image size", e))?;
+    if file_size == 0 {
+        return Err(Error::NotQcow2(
+            "not a qcow2 image: the file is empty".into(),
+        ));
+    }
+    let first = read_exact(&*storage, file_size.min(512), 0, "header")?;
+    let cluster_bits = Header::peek_cluster_bits(&first)?;
+    let cluster_size = 1u64 << cluster_bits;
+    let header_bytes = read_exact(&*storage, file_size.min(cluster_size), 0, "header")?;
+    let header = Header::parse(&header_bytes, file_size)?;
+
+    if !opts.read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+        return Err(corrupt!(
+            "the image is marked corrupt; it can only be opened read-only"
+        ));
+    }
+    if !opts.read_only && header.incompatible_features & INCOMPAT_DIRTY != 0 {
+        return Err(unsupported!(
+            "the image was not closed cleanly (dirty bit set) and its refcounts need \
+             repair before it can be written; open it read-only, or repair it with \
+             'qemu-img check -r all'"
+        ));
+    }
+
+    let l1 = if header.l1_size > 0 {
+        decode_table(&read_exact(
+            &*storage,
+            header.l1_size as u64 * 8,
+            header.l1_table_offset,
+            "L1 table",
+        )?)
+    } else {
+        Vec::new()
+    };
+    let reftable = decode_table(&read_exact(
+        &*storage,
+        header.refcount_table_clusters as u64 * cluster_size,
+        header.refcount_table_offset,
+        "refcount table",
+    )?);
+
+    let l2_cache_bytes = if opts.l2_cache_size == 0 {
+        (header.l1_size as u64 * cluster_size).min(MAX_DEFAULT_L2_CACHE)
+    } else {
+        opts.l2_cache_size
+    };
+    let l2_tables = (l2_cache_bytes / cluster_size).max(4) as usize;
+
+    let mut backing = None;
+    let mut backing_refused = false;
+    if let Some(name) = &header.backing_file {
+        if opts.follow_backing {
+            backing = Some(Backing::open(
+                path,
+                name,
+                header.backing_format.as_deref(),
+                opts,
+                depth_left,
+            )?);
+        } else {
+            backing_refused = true;
+        }
+    }
+
+    let mut meta = Meta {
+        storage,
+        cluster_bits,
+        cluster_size,
+        l2_bits: cluster_bits - 3,
+        rb_bits: cluster_bits + 3 - header.refcount_order,
+        l1,
+        l2_cache: TableCache::new(l2_tables),
+        rc: RefcountState {
+            table: reftable,
+            blocks: TableCache::new(REFCOUNT_CACHE_BLOCKS),
+            free_hint: 0,
+            pending_frees: Vec::new(),
+        },
+        backing,
+        backing_refused,
+        read_only: opts.read_only,
+        host_end: file_size,
+        broken: None,
+        header,
+    };
+
+    if !meta.read_only && meta.header.version >= 3 && meta.header.autoclear_features != 0 {
+        // We do not maintain what autoclear features describe (bitmaps), so, as QEMU
+        // does for bits it does not know, clear them before the first write.
+        meta.header.autoclear_features = 0;
+        meta.write_header()?;
+        meta.sync()?;
+    }
+    Ok(meta)
+}

@@ -1,0 +1,134 @@
+//! Options for creating and opening images, and the facts `info` reports.
+
+/// How compressed clusters of an image are encoded (header field `compression_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompressionType {
+    /// Raw deflate (zlib), QEMU's default.
+    #[default]
+    Zlib,
+    /// One zstd frame per cluster.
+    Zstd,
+}
+
+impl CompressionType {
+    /// The on-disk code of this compression type.
+    pub fn code(self) -> u8 {
+        match self {
+            CompressionType::Zlib => 0,
+            CompressionType::Zstd => 1,
+        }
+    }
+
+    /// The name `qemu-img info` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Zlib => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// Options of [`crate::Image::create`]. The defaults are QEMU's.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// qcow2 version: 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    /// Cluster size in bytes: a power of two from 512 to 2 MiB.
+    pub cluster_size: u32,
+    /// Refcount width in bits: a power of two from 1 to 64 (v2 allows only 16).
+    pub refcount_bits: u32,
+    /// Enable lazy refcounts (v3 only).
+    pub lazy_refcounts: bool,
+    /// Backing file name, stored as given (relative names resolve against the image's folder).
+    pub backing_file: Option<String>,
+    /// Backing format ("qcow2" or "raw"); probed when `None`.
+    pub backing_format: Option<String>,
+    /// Compression type for compressed clusters (v3 only for zstd).
+    pub compression_type: CompressionType,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            version: 3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            backing_file: None,
+            backing_format: None,
+            compression_type: CompressionType::Zlib,
+        }
+    }
+}
+
+/// Options of [`crate::Image::open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Refuse all writes.
+    pub read_only: bool,
+    /// Use O_DIRECT on the image file (and qcow2 backing files).
+    pub direct: bool,
+    /// Open the backing files the image names (QEMU's default). When false, reads of
+    /// unallocated clusters of an image with a backing file fail with `ENOTSUP`.
+    pub follow_backing: bool,
+    /// Bytes of L2 tables to cache; 0 chooses enough to cover the disk, up to 32 MiB.
+    pub l2_cache_size: u64,
+    /// How many backing files deep a chain may go before open fails.
+    pub max_backing_depth: u32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            direct: false,
+            follow_backing: true,
+            l2_cache_size: 0,
+            max_backing_depth: 32,
+        }
+    }
+}
+
+/// One image of a backing chain, as `info` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingInfo {
+    /// The path that was opened (after resolving relative names).
+    pub filename: String,
+    /// "qcow2" or "raw".
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+/// Facts about an open image.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// Virtual (guest-visible) size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// The dirty bit is set.
+    pub dirty: bool,
+    /// The corrupt bit is set.
+    pub corrupt: bool,
+    /// The handle refuses writes.
+    pub read_only: bool,
+    /// Compression type of compressed clusters.
+    pub compression_type: CompressionType,
+    /// Number of internal snapshots.
+    pub nb_snapshots: u32,
+    /// Size of the image file on the host, in bytes.
+    pub host_size: u64,
+    /// The backing file name as stored in the image.
+    pub backing_file: Option<String>,
+    /// The backing format as stored in the image.
+    pub backing_format: Option<String>,
+    /// The opened backing chain, nearest first (empty when none or not followed).
+    pub backing_chain: Vec<BackingInfo>,
+}

@@ -1,0 +1,332 @@
+//! The cluster allocator: refcount lookups and updates through the refcount block
+//! cache, first-fit allocation, new self-describing refcount blocks, refcount table
+//! growth, and frees deferred until no table on disk references the cluster.
+
+use super::meta::Meta;
+use crate::corrupt;
+use crate::error::{Error, Result};
+use crate::format::header::MAX_REFTABLE_BYTES;
+use crate::format::refcount;
+
+impl Meta {
+    fn block_index(&self, cluster: u64) -> usize {
+        (cluster >> self.rb_bits) as usize
+    }
+
+    fn block_offset(&self, index: usize) -> Result<Option<u64>> {
+        let Some(&entry) = self.rc.table.get(index) else {
+            return Ok(None);
+        };
+        if entry == 0 {
+            return Ok(None);
+        }
+        if entry & 0x1ff != 0 {
+            return Err(corrupt!(
+                "refcount table entry {index} ({entry:#x}) has reserved bits set"
+            ));
+        }
+        Ok(Some(entry))
+    }
+
+    /// Makes sure the refcount block at `offset` is cached, evicting (and writing) the
+    /// least recently used one if needed.
+    fn load_refcount_block(&mut self, offset: u64) -> Result<()> {
+        if self.rc.blocks.contains(offset) {
+            return Ok(());
+        }
+        if let Some((victim, dirty)) = self.rc.blocks.victim() {
+            if dirty {
+                self.write_refcount_block(victim)?;
+            }
+            self.rc.blocks.remove(victim);
+        }
+        let data = self.read_table("refcount block", offset)?;
+        self.rc.blocks.insert(offset, data, false);
+        Ok(())
+    }
+
+    fn write_refcount_block(&mut self, offset: u64) -> Result<()> {
+        let data = self
+            .rc
+            .blocks
+            .peek(offset)
+            .ok_or_else(|| corrupt!("refcount block at {offset:#x} vanished from the cache"))?
+            .to_vec();
+        self.write_host("refcount block", &data, offset)?;
+        self.rc.blocks.mark_clean(offset);
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block (no barrier).
+    pub(crate) fn write_dirty_refcount_blocks(&mut self) -> Result<()> {
+        for key in self.rc.blocks.dirty_keys() {
+            self.write_refcount_block(key)?;
+        }
+        Ok(())
+    }
+
+    /// The refcount of the cluster with index `cluster` (0 where no block exists).
+    pub(crate) fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let index = self.block_index(cluster);
+        let Some(offset) = self.block_offset(index)? else {
+            return Ok(0);
+        };
+        self.load_refcount_block(offset)?;
+        let block = self.rc.blocks.get(offset).expect("block just loaded");
+        let within = (cluster & ((1u64 << self.rb_bits) - 1)) as usize;
+        Ok(refcount::get(block, within, self.header.refcount_order))
+    }
+
+    /// Sets the refcount of cluster index `cluster`, creating its block if needed.
+    pub(crate) fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let index = self.block_index(cluster);
+        let offset = match self.block_offset(index)? {
+            Some(off) => off,
+            None if value == 0 => return Ok(()),
+            None => self.create_refcount_block(index)?,
+        };
+        self.load_refcount_block(offset)?;
+        let order = self.header.refcount_order;
+        let within = (cluster & ((1u64 << self.rb_bits) - 1)) as usize;
+        let block = self.rc.blocks.get_mut(offset).expect("block just loaded");
+        refcount::set(block, within, order, value).map_err(|_| {
+            Error::NoSpace(format!(
+                "refcount of cluster {cluster} would exceed the {}-bit refcount width",
+                1u32 << order
+            ))
+        })
+    }
+
+    /// Adds `delta` (±1) to the refcounts of `count` clusters starting at host `offset`.
+    pub(crate) fn update_refcounts(&mut self, offset: u64, count: u64, increase: bool) -> Result<()> {
+        let first = offset >> self.cluster_bits;
+        for cluster in first..first + count {
+            let rc = self.refcount(cluster)?;
+            let new = if increase {
+                rc + 1
+            } else {
+                rc.checked_sub(1).ok_or_else(|| {
+                    corrupt!(
+                        "cluster at {:#x} is freed but its refcount is already 0",
+                        cluster << self.cluster_bits
+                    )
+                })?
+            };
+            self.set_refcount(cluster, new)?;
+            if new == 0 {
+                self.rc.free_hint = self.rc.free_hint.min(cluster);
+            }
+        }
+        Ok(())
+    }
+
+    /// Places a new, empty refcount block for block `index` at the first cluster of the
+    /// range it describes (free, since a missing block means every count there is 0),
+    /// so the block describes itself. Written and flushed before the table points to it.
+    fn create_refcount_block(&mut self, index: usize) -> Result<u64> {
+        if index == 0 {
+            return Err(corrupt!(
+                "refcount block 0 is missing (it must describe the header)"
+            ));
+        }
+        if index >= self.rc.table.len() {
+            self.grow_refcount_table(index + 1)?;
+            if let Some(off) = self.block_offset(index)? {
+                return Ok(off); // the growth placed this block already
+            }
+        }
+        let offset = (index as u64) << (self.rb_bits + self.cluster_bits);
+        let mut block = vec![0u8; self.cluster_size as usize].into_boxed_slice();
+        refcount::set(&mut block, 0, self.header.refcount_order, 1)?;
+        self.write_host("new refcount block", &block, offset)?;
+        self.sync()?;
+        self.rc.table[index] = offset;
+        let entry_off = self.header.refcount_table_offset + index as u64 * 8;
+        self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
+        if let Some((victim, dirty)) = self.rc.blocks.victim() {
+            if dirty {
+                self.write_refcount_block(victim)?;
+            }
+            self.rc.blocks.remove(victim);
+        }
+        self.rc.blocks.insert(offset, block, false);
+        Ok(offset)
+    }
+
+    /// Replaces the refcount table with a larger one holding at least `min_entries`,
+    /// placed after the end of the file together with any blocks needed to describe it.
+    fn grow_refcount_table(&mut self, min_entries: usize) -> Result<()> {
+        let cs = self.cluster_size;
+        let entries_per_cluster = (cs / 8) as usize;
+        let old_len = self.rc.table.len();
+        let start = self.host_end.div_ceil(cs);
+        let mut want = min_entries.max(old_len + old_len / 2).max(1);
+        let mut table_clusters = want.div_ceil(entries_per_cluster) as u64;
+        let mut new_blocks: Vec<usize> = Vec::new();
+        loop {
+            let end = start + table_clusters + new_blocks.len() as u64;
+            let needed: Vec<usize> = (self.block_index(start)..=self.block_index(end - 1))
+                .filter(|&b| b >= old_len || self.rc.table[b] == 0)
+                .collect();
+            if let Some(&last) = needed.last() {
+                want = want.max(last + 1);
+            }
+            let clusters = want.div_ceil(entries_per_cluster) as u64;
+            if needed == new_blocks && clusters == table_clusters {
+                break;
+            }
+            new_blocks = needed;
+            table_clusters = clusters;
+        }
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace(format!(
+                "the refcount table would grow beyond {MAX_REFTABLE_BYTES} bytes"
+            )));
+        }
+        let table_offset = start * cs;
+        let mut table = self.rc.table.clone();
+        table.resize((table_clusters * cs / 8) as usize, 0);
+        let mut blocks: Vec<(usize, u64, Box<[u8]>)> = new_blocks
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let off = (start + table_clusters + i as u64) * cs;
+                table[b] = off;
+                (b, off, vec![0u8; cs as usize].into_boxed_slice())
+            })
+            .collect();
+        let end = start + table_clusters + blocks.len() as u64;
+        let order = self.header.refcount_order;
+        let mask = (1u64 << self.rb_bits) - 1;
+        for cluster in start..end {
+            let b = self.block_index(cluster);
+            if let Some((_, _, data)) = blocks.iter_mut().find(|(idx, _, _)| *idx == b) {
+                refcount::set(data, (cluster & mask) as usize, order, 1)?;
+            } else {
+                self.set_refcount(cluster, 1)?;
+            }
+        }
+        for (_, off, data) in &blocks {
+            self.write_host("new refcount block", data, *off)?;
+        }
+        self.write_dirty_refcount_blocks()?;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_host("new refcount table", &bytes, table_offset)?;
+        self.sync()?;
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = self.header.refcount_table_clusters as u64;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.write_header_fields(48, &fields)?;
+        self.sync()?;
+        self.header.refcount_table_offset = table_offset;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.rc.table = table;
+        for (_, off, data) in blocks {
+            if let Some((victim, dirty)) = self.rc.blocks.victim() {
+                if dirty {
+                    self.write_refcount_block(victim)?;
+                }
+                self.rc.blocks.remove(victim);
+            }
+            self.rc.blocks.insert(off, data, false);
+        }
+        self.update_refcounts(old_offset, old_clusters, false)?;
+        Ok(())
+    }
+
+    /// Finds `count` consecutive free clusters at or after the allocation hint.
+    fn find_free_run(&mut self, count: u64) -> Result<u64> {
+        let per_block = 1u64 << self.rb_bits;
+        let covered = (self.rc.table.len() as u64) << self.rb_bits;
+        let mut cluster = self.rc.free_hint.max(1);
+        let mut run_start = cluster;
+        let mut run_len = 0u64;
+        let mut first_free = None;
+        while run_len < count {
+            if cluster >= covered {
+                if run_len == 0 {
+                    run_start = cluster;
+                }
+                first_free.get_or_insert(run_start);
+                break;
+            }
+            if self.block_offset(self.block_index(cluster))?.is_none() {
+                // A whole missing block: every cluster it would describe is free.
+                let block_end = (cluster | (per_block - 1)) + 1;
+                if run_len == 0 {
+                    run_start = cluster;
+                }
+                first_free.get_or_insert(cluster);
+                run_len += block_end - cluster;
+                cluster = block_end;
+                continue;
+            }
+            if self.refcount(cluster)? == 0 {
+                if run_len == 0 {
+                    run_start = cluster;
+                }
+                first_free.get_or_insert(cluster);
+                run_len += 1;
+            } else {
+                run_len = 0;
+            }
+            cluster += 1;
+        }
+        self.rc.free_hint = first_free.unwrap_or(run_start);
+        Ok(run_start)
+    }
+
+    /// Allocates `count` contiguous clusters with refcount 1 and returns the host offset
+    /// of the first. The refcounts are in the cache; they reach the disk before any L2
+    /// table that points to them (see `flush_metadata`).
+    pub(crate) fn alloc_clusters(&mut self, count: u64) -> Result<u64> {
+        loop {
+            let start = self.find_free_run(count)?;
+            let mut created = false;
+            for index in self.block_index(start)..=self.block_index(start + count - 1) {
+                if self.block_offset(index)?.is_none() {
+                    self.create_refcount_block(index)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue; // new blocks may sit inside the run we found: look again
+            }
+            for cluster in start..start + count {
+                if self.refcount(cluster)? != 0 {
+                    return Err(corrupt!("allocator picked cluster {cluster} that is in use"));
+                }
+                self.set_refcount(cluster, 1)?;
+            }
+            let offset = start << self.cluster_bits;
+            let end = offset + (count << self.cluster_bits);
+            if end > 1u64 << 56 {
+                return Err(Error::NoSpace("host offsets would exceed 2^56".into()));
+            }
+            self.host_end = self.host_end.max(end);
+            self.rc.free_hint = start + count;
+            return Ok(offset);
+        }
+    }
+
+    /// Schedules a refcount decrement for `count` clusters at `offset`, applied at the
+    /// next metadata flush, after the tables that dropped the reference are on disk.
+    pub(crate) fn free_later(&mut self, offset: u64, count: u64) {
+        self.rc.pending_frees.push((offset, count));
+    }
+
+    /// Applies the deferred decrements (caller has flushed the L2 tables first).
+    pub(crate) fn apply_pending_frees(&mut self) -> Result<()> {
+        let frees = std::mem::take(&mut self.rc.pending_frees);
+        for (offset, count) in frees {
+            self.update_refcounts(offset, count, false)?;
+            for i in 0..count {
+                // A freed cluster may have been an L2 table: forget any cached copy.
+                self.l2_cache.remove(offset + (i << self.cluster_bits));
+            }
+        }
+        Ok(())
+    }
+}

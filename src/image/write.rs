@@ -1,0 +1,158 @@
+//! The write path: in-place writes to owned clusters, and allocating writes whose
+//! copy-on-write regions (head and tail of the new cluster) are merged with the guest
+//! data into one vectored host write.
+
+use std::borrow::Cow;
+
+use super::meta::Meta;
+use crate::error::Result;
+use crate::format::entry::{Mapping, COPIED};
+use crate::unsupported;
+
+/// A cluster's worth of zeros (the largest cluster is 2 MiB), for COW regions that read
+/// as zero.
+static ZEROS: [u8; 1 << 21] = [0; 1 << 21];
+
+/// Head and tail regions closer than this are read with a single request.
+const COW_MERGE_GAP: u64 = 16 * 1024;
+
+impl Meta {
+    /// Writes `buf` at guest `offset` (already range-checked), cluster by cluster.
+    pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let within = guest & (cs - 1);
+            let n = ((cs - within) as usize).min(buf.len() - done);
+            self.write_in_cluster(&buf[done..done + n], guest)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_in_cluster(&mut self, data: &[u8], guest: u64) -> Result<()> {
+        match self.mapping(guest)? {
+            Mapping::Normal { host, copied: true } => {
+                let within = guest & (self.cluster_size - 1);
+                self.write_host("guest data", data, host + within)
+            }
+            old => self.allocating_write(old, data, guest),
+        }
+    }
+
+    /// Writes into a cluster this image does not own alone: a new cluster receives
+    /// head (old contents) + data + tail (old contents) in one request, then the L2
+    /// entry is switched to it and the old cluster's reference is dropped.
+    fn allocating_write(&mut self, old: Mapping, data: &[u8], guest: u64) -> Result<()> {
+        if let Mapping::Compressed { .. } = old {
+            return Err(unsupported!(
+                "writing into compressed clusters is not supported yet (guest offset {guest:#x})"
+            ));
+        }
+        let cs = self.cluster_size;
+        let cluster_start = guest & !(cs - 1);
+        let head_len = guest - cluster_start;
+        let tail_start = head_len + data.len() as u64;
+        let (l1_index, _) = self.indexes(guest);
+        let table = self.writable_l2_table(l1_index)?;
+        let (head, tail) = self.cow_regions(old, cluster_start, head_len, tail_start)?;
+        let (host, reused) = match old {
+            Mapping::Zero {
+                host: Some(h),
+                copied: true,
+            } => (h, true),
+            _ => (self.alloc_clusters(1)?, false),
+        };
+        let written = self
+            .storage
+            .write_vectored_at(&[&head, data, &tail], host)
+            .map_err(Meta::io_err(format!("writing guest data to cluster at {host:#x}")));
+        if let Err(e) = written {
+            if !reused {
+                // Give the cluster back; the old mapping still holds the old data.
+                self.update_refcounts(host, 1, false)?;
+            }
+            return Err(e);
+        }
+        self.host_end = self.host_end.max(host + cs);
+        self.set_l2_entry(table, guest, host | COPIED)?;
+        match old {
+            Mapping::Normal { host: h, .. } => self.free_later(h, 1),
+            Mapping::Zero {
+                host: Some(h),
+                copied: false,
+            } => self.free_later(h, 1),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Returns the old contents of the head `[0, head_len)` and tail
+    /// `[tail_start, cluster_size)` of the cluster at guest `cluster_start`. Regions that
+    /// read as zero cost no I/O; close regions are read with one request.
+    fn cow_regions(
+        &mut self,
+        old: Mapping,
+        cluster_start: u64,
+        head_len: u64,
+        tail_start: u64,
+    ) -> Result<(Cow<'static, [u8]>, Cow<'static, [u8]>)> {
+        let cs = self.cluster_size;
+        let tail_len = cs - tail_start;
+        let zeros = |len: u64| Cow::Borrowed(&ZEROS[..len as usize]);
+        let (head_zero, tail_zero) = match old {
+            Mapping::Zero { .. } => (true, true),
+            Mapping::Normal { .. } => (head_len == 0, tail_len == 0),
+            Mapping::Unallocated => (
+                head_len == 0 || self.backing_reads_zero(cluster_start, head_len)?,
+                tail_len == 0 || self.backing_reads_zero(cluster_start + tail_start, tail_len)?,
+            ),
+            Mapping::Compressed { .. } => unreachable!("rejected by the caller"),
+        };
+        match (head_zero, tail_zero) {
+            (true, true) => Ok((zeros(head_len), zeros(tail_len))),
+            (false, true) => {
+                let mut head = vec![0u8; head_len as usize];
+                self.read_old(old, cluster_start, &mut head, 0)?;
+                Ok((Cow::Owned(head), zeros(tail_len)))
+            }
+            (true, false) => {
+                let mut tail = vec![0u8; tail_len as usize];
+                self.read_old(old, cluster_start, &mut tail, tail_start)?;
+                Ok((zeros(head_len), Cow::Owned(tail)))
+            }
+            (false, false) if tail_start - head_len <= COW_MERGE_GAP => {
+                let mut all = vec![0u8; cs as usize];
+                self.read_old(old, cluster_start, &mut all, 0)?;
+                let tail = all.split_off(tail_start as usize);
+                all.truncate(head_len as usize);
+                Ok((Cow::Owned(all), Cow::Owned(tail)))
+            }
+            (false, false) => {
+                let mut head = vec![0u8; head_len as usize];
+                self.read_old(old, cluster_start, &mut head, 0)?;
+                let mut tail = vec![0u8; tail_len as usize];
+                self.read_old(old, cluster_start, &mut tail, tail_start)?;
+                Ok((Cow::Owned(head), Cow::Owned(tail)))
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `within` of a cluster's old contents (one request).
+    fn read_old(&mut self, old: Mapping, cluster_start: u64, buf: &mut [u8], within: u64) -> Result<()> {
+        match old {
+            Mapping::Normal { host, .. } => {
+                self.check_data_cluster(host)?;
+                self.storage
+                    .read_at(buf, host + within)
+                    .map_err(Meta::io_err(format!("reading cluster at {host:#x} for copy-on-write")))
+            }
+            Mapping::Unallocated => self.read_backing(buf, cluster_start + within),
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}

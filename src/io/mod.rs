@@ -1,0 +1,35 @@
+//! Host storage under an image: the [`Storage`] trait and its backends — a plain file
+//! (optionally O_DIRECT), memory, and a fault-injecting, counting wrapper for tests.
+
+mod fault;
+mod file;
+mod memory;
+
+pub use fault::{FaultStorage, IoCounts, IoEvent};
+pub use file::FileStorage;
+pub use memory::MemStorage;
+
+use std::io;
+
+/// Byte-addressed host storage. Implementations are shared between threads.
+///
+/// Reads past the end of the storage return zeros for the missing part (like a sparse
+/// file); writes past the end extend it.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the buffers back to back starting at `offset`, as one request.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()>;
+    /// Makes all completed writes durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// True when the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}

@@ -1,0 +1,16 @@
+//! cowdisk — a qcow2 block-driver library with a stable C ABI.
+//!
+//! Layers, each calling only downward:
+//! - [`format`]: pure on-disk codecs (header, L1/L2 entries, refcount blocks); no I/O.
+//! - [`io`]: host storage (`Storage` trait: file with O_DIRECT, memory, fault injection).
+//! - [`image`]: the engine: open/create, the read/write path, allocation, caches, COW.
+//! - [`ffi`]: the C ABI over the engine; the CLI and bindings sit on top.
+
+pub mod error;
+pub mod ffi;
+pub mod format;
+pub mod image;
+pub mod io;
+
+pub use error::{Error, Result};
+pub use image::{CompressionType, CreateOptions, Image, ImageInfo, OpenOptions};
