@@ -54,7 +54,7 @@ impl Image {
     pub(crate) fn open_chain(path: &Path, opts: &OpenOptions, depth_left: u32) -> Result<Image> {
         let storage = crate::io::FileStorage::open(path, !opts.read_only, opts.direct)
             .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
-        let meta = open::open_meta(Arc::new(storage), opts, Some(path), depth_left)?;
+        let meta = open::open_meta(Arc::new(storage), opts, Some(path), depth_left, None)?;
         Ok(Image {
             meta: Mutex::new(meta),
             path: Some(path.to_path_buf()),
@@ -65,7 +65,24 @@ impl Image {
     /// Opens an image on any storage (tests use memory and fault-injecting storage).
     /// Relative backing file names resolve against the current directory.
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        let meta = open::open_meta(storage, opts, None, opts.max_backing_depth)?;
+        let meta = open::open_meta(storage, opts, None, opts.max_backing_depth, None)?;
+        Ok(Image {
+            meta: Mutex::new(meta),
+            path: None,
+            closed: false,
+        })
+    }
+
+    /// Opens an image on any storage over a backing image the caller opened itself
+    /// (instead of the backing file named in the header), as embedders that manage
+    /// their own chains do. The backing image is owned by the new image from now on.
+    pub fn open_storage_over(
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+        backing: Image,
+    ) -> Result<Image> {
+        let given = Some(backing::Backing::Qcow2(Box::new(backing)));
+        let meta = open::open_meta(storage, opts, None, opts.max_backing_depth, given)?;
         Ok(Image {
             meta: Mutex::new(meta),
             path: None,

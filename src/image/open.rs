@@ -39,6 +39,7 @@ pub(crate) fn open_meta(
     opts: &OpenOptions,
     path: Option<&Path>,
     depth_left: u32,
+    given_backing: Option<Backing>,
 ) -> Result<Meta> {
     let file_size = storage
         .len()
@@ -93,7 +94,9 @@ pub(crate) fn open_meta(
 
     let mut backing = None;
     let mut backing_refused = false;
-    if let Some(name) = &header.backing_file {
+    if given_backing.is_some() {
+        backing = given_backing;
+    } else if let Some(name) = &header.backing_file {
         if opts.follow_backing {
             backing = Some(Backing::open(
                 path,

@@ -64,9 +64,13 @@ impl Meta {
             } => (h, true),
             _ => (self.alloc_clusters(1)?, false),
         };
+        let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
         let written = self
             .storage
-            .write_vectored_at(&[&head, data, &tail], host)
+            .write_vectored_at(&pieces, host)
             .map_err(Meta::io_err(format!("writing guest data to cluster at {host:#x}")));
         if let Err(e) = written {
             if !reused {

@@ -1,0 +1,112 @@
+//! `cowdisk`: a command-line tool over the cowdisk qcow2 library, modelled on
+//! `qemu-img` (`create`, `info`) and `qemu-io` (`read`, `write`).
+//!
+//! Errors print `cowdisk: <message>` on stderr and exit with status 1.
+
+mod create;
+mod info;
+mod parse;
+mod rw;
+
+use clap::{Parser, Subcommand};
+use std::fmt;
+use std::process::ExitCode;
+
+/// Create, inspect, read and write qcow2 images.
+#[derive(Debug, Parser)]
+#[command(name = "cowdisk", version, propagate_version = true)]
+struct Cli {
+    /// The operation to perform.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands of `cowdisk`.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new qcow2 image (like `qemu-img create -f qcow2`).
+    Create(create::CreateArgs),
+    /// Show facts about an image (like `qemu-img info`); opens it read-only.
+    Info(info::InfoArgs),
+    /// Write a byte pattern or a file's contents into an image (like `qemu-io -c write`).
+    Write(rw::WriteArgs),
+    /// Read from an image: verify a pattern, save to a file, or hexdump (like `qemu-io -c read`).
+    Read(rw::ReadArgs),
+}
+
+/// A failure of a subcommand: the message printed after `cowdisk: `.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for CliError {
+    fn from(message: String) -> Self {
+        CliError(message)
+    }
+}
+
+impl From<cowdisk::Error> for CliError {
+    fn from(error: cowdisk::Error) -> Self {
+        CliError(error.to_string())
+    }
+}
+
+/// The result of a subcommand.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// Adds what the tool was doing to a library error.
+pub trait Context<T> {
+    /// Prefixes the error message with `what` (computed only on failure).
+    fn context(self, what: impl FnOnce() -> String) -> CliResult<T>;
+}
+
+impl<T> Context<T> for Result<T, cowdisk::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> CliResult<T> {
+        self.map_err(|e| CliError(format!("{}: {e}", what())))
+    }
+}
+
+impl<T> Context<T> for std::io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> CliResult<T> {
+        self.map_err(|e| CliError(format!("{}: {e}", what())))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and --version go to stdout with status 0; usage errors are
+            // reported like every other error, `cowdisk: ...`, and exit 1.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::FAILURE;
+            }
+            let text = e.render().to_string();
+            eprint!("cowdisk: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Create(args) => create::run(args),
+        Command::Info(args) => info::run(args),
+        Command::Write(args) => rw::run_write(args),
+        Command::Read(args) => rw::run_read(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cowdisk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
