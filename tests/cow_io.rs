@@ -17,7 +17,9 @@ struct Setup {
 }
 
 fn pattern(cluster: u64) -> Vec<u8> {
-    (0..CS).map(|i| (i as u8) ^ (cluster as u8).wrapping_mul(31)).collect()
+    (0..CS)
+        .map(|i| (i as u8) ^ (cluster as u8).wrapping_mul(31))
+        .collect()
 }
 
 /// A base image with data in clusters 0..8 (clusters 8.. unallocated) under an empty
@@ -88,10 +90,18 @@ fn close_cow_regions_are_read_once_and_written_with_the_data() {
     s.top.write_at(&data, CS + 8192).unwrap(); // head 8 KiB, gap 4 KiB, tail 52 KiB
     let base_reads = reads(&s.base_io.take_log());
     let top_log = s.top_io.take_log();
-    assert_eq!(base_reads.len(), 1, "one read for head and tail: {base_reads:?}");
+    assert_eq!(
+        base_reads.len(),
+        1,
+        "one read for head and tail: {base_reads:?}"
+    );
     assert_eq!(base_reads[0].1, CS);
     assert!(reads(&top_log).is_empty(), "{top_log:?}");
-    assert_eq!(writes(&top_log), vec![(CS, 3)], "one vectored write: {top_log:?}");
+    assert_eq!(
+        writes(&top_log),
+        vec![(CS, 3)],
+        "one vectored write: {top_log:?}"
+    );
     expect_cluster(&s.top, 1, 8192, &data, Some(pattern(1)));
 }
 

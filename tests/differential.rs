@@ -127,7 +127,11 @@ fn run_config(cfg: &Config, seed: u64) {
     // Full read-back through cowdisk, then let QEMU judge the file.
     let mut all = vec![0u8; cfg.size as usize];
     img.read_at(&mut all, 0).unwrap();
-    assert!(all == model, "{}: final read differs from the model", cfg.name);
+    assert!(
+        all == model,
+        "{}: final read differs from the model",
+        cfg.name
+    );
     img.close().unwrap();
     qemu_check_clean(&img_path);
     let model_path = s.path("model.raw");
@@ -159,9 +163,36 @@ const MIB: u64 = 1 << 20;
 differential!(v3_64k_rc16, 3, 65536, 16, 64 * MIB, "none", 0, 2000);
 differential!(v2_64k_rc16, 2, 65536, 16, 48 * MIB, "none", 0, 1500);
 differential!(v3_512_rc1, 3, 512, 1, 4 * MIB, "none", 0, 1500);
-differential!(v3_512_rc64_small_cache, 3, 512, 64, 6 * MIB, "none", 2048, 1500);
+differential!(
+    v3_512_rc64_small_cache,
+    3,
+    512,
+    64,
+    6 * MIB,
+    "none",
+    2048,
+    1500
+);
 differential!(v3_4k_rc8, 3, 4096, 8, 16 * MIB, "none", 16384, 1500);
-differential!(v3_4k_rc2_qcow2_backing, 3, 4096, 2, 16 * MIB, "qcow2", 0, 1500);
+differential!(
+    v3_4k_rc2_qcow2_backing,
+    3,
+    4096,
+    2,
+    16 * MIB,
+    "qcow2",
+    0,
+    1500
+);
 differential!(v2_64k_raw_backing, 2, 65536, 16, 32 * MIB, "raw", 0, 1500);
 differential!(v3_2m_rc32, 3, 2 * 1024 * 1024, 32, 64 * MIB, "none", 0, 600);
-differential!(v3_64k_rc4_qcow2_backing, 3, 65536, 4, 40 * MIB, "qcow2", 0, 1500);
+differential!(
+    v3_64k_rc4_qcow2_backing,
+    3,
+    65536,
+    4,
+    40 * MIB,
+    "qcow2",
+    0,
+    1500
+);

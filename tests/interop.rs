@@ -42,7 +42,11 @@ fn read_then_write(s: &Scratch, path: &Path, cs: u64, seed: u64) {
     let expected = qemu_read_raw(path, s);
     let img = Image::open(path, &OpenOptions::default()).unwrap();
     let mut model = read_all(&img);
-    assert!(model == expected, "{}: cowdisk reads differ from qemu-img convert", path.display());
+    assert!(
+        model == expected,
+        "{}: cowdisk reads differ from qemu-img convert",
+        path.display()
+    );
     let mut rng = Rng::new(seed);
     scribble(&img, &mut model, &mut rng, 150, cs);
     assert!(read_all(&img) == model);
@@ -133,16 +137,46 @@ fn three_deep_chain_mixing_raw_and_qcow2() {
     let mid = s.path("mid.qcow2");
     run_ok(
         "qemu-img",
-        &["create", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "-o", "cluster_size=4096",
-          mid.to_str().unwrap(), "6M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            "-o",
+            "cluster_size=4096",
+            mid.to_str().unwrap(),
+            "6M",
+        ],
     );
-    qemu_io(&mid, &["write -P 0x55 512k 1M".into(), "write -z 100k 8k".into()]);
+    qemu_io(
+        &mid,
+        &["write -P 0x55 512k 1M".into(), "write -z 100k 8k".into()],
+    );
     let top = s.path("top.qcow2");
     run_ok(
         "qemu-img",
-        &["create", "-f", "qcow2", "-F", "qcow2", "-b", "mid.qcow2", top.to_str().unwrap(), "8M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            top.to_str().unwrap(),
+            "8M",
+        ],
     );
-    qemu_io(&top, &["write -P 0x66 1000k 100k".into(), "write -P 0x77 7M 4k".into()]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x66 1000k 100k".into(),
+            "write -P 0x77 7M 4k".into(),
+        ],
+    );
 
     let img = Image::open(&top, &OpenOptions::default()).unwrap();
     let info = img.info();
@@ -225,7 +259,14 @@ fn backing_depth_is_limited() {
         max_backing_depth: 5,
         ..OpenOptions::default()
     };
-    assert_eq!(Image::open(&prev, &opts).unwrap().info().backing_chain.len(), 5);
+    assert_eq!(
+        Image::open(&prev, &opts)
+            .unwrap()
+            .info()
+            .backing_chain
+            .len(),
+        5
+    );
 }
 
 /// Writes into clusters shared with an internal snapshot (made by qemu-img) copy on
@@ -234,25 +275,45 @@ fn backing_depth_is_limited() {
 fn internal_snapshot_made_by_qemu() {
     let s = Scratch::new("snap");
     let path = s.path("s.qcow2");
-    run_ok("qemu-img", &["create", "-f", "qcow2", path.to_str().unwrap(), "8M"]);
-    qemu_io(&path, &["write -P 0xa1 0 3M".into(), "write -P 0xa2 5M 100k".into()]);
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", path.to_str().unwrap(), "8M"],
+    );
+    qemu_io(
+        &path,
+        &["write -P 0xa1 0 3M".into(), "write -P 0xa2 5M 100k".into()],
+    );
     let at_snapshot = qemu_read_raw(&path, &s);
-    run_ok("qemu-img", &["snapshot", "-c", "snap1", path.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &["snapshot", "-c", "snap1", path.to_str().unwrap()],
+    );
     qemu_io(&path, &["write -P 0xa3 1M 64k".into()]);
     let img = Image::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!(img.info().nb_snapshots, 1);
     drop(img);
     read_then_write(&s, &path, 65536, 11);
-    run_ok("qemu-img", &["snapshot", "-a", "snap1", path.to_str().unwrap()]);
+    run_ok(
+        "qemu-img",
+        &["snapshot", "-a", "snap1", path.to_str().unwrap()],
+    );
     qemu_check_clean(&path);
-    assert!(qemu_read_raw(&path, &s) == at_snapshot, "snapshot data changed");
+    assert!(
+        qemu_read_raw(&path, &s) == at_snapshot,
+        "snapshot data changed"
+    );
 }
 
 /// Images we create have the layout and metadata qemu-img reports for its own.
 #[test]
 fn created_images_match_qemu_info() {
     let s = Scratch::new("create-info");
-    for (version, cs, rb, lazy) in [(3u32, 65536u32, 16u32, false), (2, 4096, 16, false), (3, 512, 1, true), (3, 2097152, 64, false)] {
+    for (version, cs, rb, lazy) in [
+        (3u32, 65536u32, 16u32, false),
+        (2, 4096, 16, false),
+        (3, 512, 1, true),
+        (3, 2097152, 64, false),
+    ] {
         let p = s.path(&format!("c-{version}-{cs}-{rb}.qcow2"));
         Image::create(
             &p,

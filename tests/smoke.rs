@@ -16,5 +16,8 @@ fn smoke() {
     assert_eq!(back, data);
     img.close().unwrap();
     qemu_check_clean(&p);
-    run_ok("qemu-io", &["-r", "-c", "read -P 0xab 12345 100000", p.to_str().unwrap()]);
+    run_ok(
+        "qemu-io",
+        &["-r", "-c", "read -P 0xab 12345 100000", p.to_str().unwrap()],
+    );
 }

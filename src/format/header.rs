@@ -331,7 +331,10 @@ impl Header {
     fn validate(&self, file_size: u64) -> Result<()> {
         let cs = self.cluster_size();
         if self.version == 2 && self.refcount_order != 4 {
-            return Err(corrupt!("v2 image with refcount_order {}", self.refcount_order));
+            return Err(corrupt!(
+                "v2 image with refcount_order {}",
+                self.refcount_order
+            ));
         }
         if self.refcount_order > 6 {
             return Err(corrupt!(
@@ -398,7 +401,12 @@ impl Header {
             ));
         }
         if self.l1_size > 0 {
-            self.check_table("L1 table", self.l1_table_offset, self.l1_size as u64 * 8, file_size)?;
+            self.check_table(
+                "L1 table",
+                self.l1_table_offset,
+                self.l1_size as u64 * 8,
+                file_size,
+            )?;
         }
         if self.refcount_table_clusters == 0 {
             return Err(corrupt!("refcount table has zero clusters"));
@@ -564,7 +572,11 @@ mod tests {
         let mut h = sample();
         h.version = 2;
         let mut buf = h.serialize().unwrap();
-        assert_eq!(&buf[72..80], &[0u8; 8], "end marker right after the v2 header");
+        assert_eq!(
+            &buf[72..80],
+            &[0u8; 8],
+            "end marker right after the v2 header"
+        );
         buf.resize(0x40000, 0);
         let parsed = Header::parse(&buf, 0x40000).unwrap();
         assert_eq!(parsed.version, 2);
@@ -601,10 +613,7 @@ mod tests {
         let err = Header::parse(&bad, 0x40000).unwrap_err();
         assert!(err.to_string().contains("extended L2"), "{err}");
         assert_eq!(err.errno(), libc::ENOTSUP);
-        assert!(matches!(
-            Header::parse(b"QFI", 3),
-            Err(Error::NotQcow2(_))
-        ));
+        assert!(matches!(Header::parse(b"QFI", 3), Err(Error::NotQcow2(_))));
         assert!(Header::parse(&buf[..50], 50)
             .unwrap_err()
             .to_string()

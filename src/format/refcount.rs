@@ -73,7 +73,11 @@ mod tests {
                 set(&mut block, i, order, (i as u64 * 7 + 3) & max).unwrap();
             }
             for i in 0..entries {
-                assert_eq!(get(&block, i, order), (i as u64 * 7 + 3) & max, "order {order}");
+                assert_eq!(
+                    get(&block, i, order),
+                    (i as u64 * 7 + 3) & max,
+                    "order {order}"
+                );
             }
             assert!(order == 6 || set(&mut block, 0, order, max + 1).is_err());
         }

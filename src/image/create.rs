@@ -147,7 +147,9 @@ pub(crate) fn format_storage(
     let l2_span = 1u64 << (2 * cluster_bits - 3);
     let l1_size = size.div_ceil(l2_span);
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(invalid!("image size {size} needs an L1 table beyond 32 MiB"));
+        return Err(invalid!(
+            "image size {size} needs an L1 table beyond 32 MiB"
+        ));
     }
     {
         let image = Image::open_storage(

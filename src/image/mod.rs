@@ -91,9 +91,9 @@ impl Image {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
-        self.meta.lock().map_err(|_| {
-            Error::Broken("an earlier call panicked while updating the image".into())
-        })
+        self.meta
+            .lock()
+            .map_err(|_| Error::Broken("an earlier call panicked while updating the image".into()))
     }
 
     fn check_range(meta: &Meta, len: usize, offset: u64, what: &str) -> Result<()> {

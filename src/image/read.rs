@@ -69,7 +69,9 @@ impl Meta {
             Source::Host(host) => self
                 .storage
                 .read_at(buf, host)
-                .map_err(Meta::io_err(format!("reading guest data at host {host:#x}"))),
+                .map_err(Meta::io_err(format!(
+                    "reading guest data at host {host:#x}"
+                ))),
             Source::Zero => {
                 buf.fill(0);
                 Ok(())

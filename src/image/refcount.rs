@@ -98,7 +98,12 @@ impl Meta {
     }
 
     /// Adds `delta` (±1) to the refcounts of `count` clusters starting at host `offset`.
-    pub(crate) fn update_refcounts(&mut self, offset: u64, count: u64, increase: bool) -> Result<()> {
+    pub(crate) fn update_refcounts(
+        &mut self,
+        offset: u64,
+        count: u64,
+        increase: bool,
+    ) -> Result<()> {
         let first = offset >> self.cluster_bits;
         for cluster in first..first + count {
             let rc = self.refcount(cluster)?;
@@ -263,7 +268,16 @@ impl Meta {
                 cluster = block_end;
                 continue;
             }
-            if self.refcount(cluster)? == 0 {
+            let rc = self.refcount(cluster)?;
+            if rc != 0 && cluster > self.host_end.div_ceil(self.cluster_size) + per_block {
+                // Only a corrupt image claims clusters far past the end of its file;
+                // scanning on could take hours.
+                return Err(corrupt!(
+                    "refcount of cluster at {:#x}, far beyond the end of the file, is {rc}",
+                    cluster << self.cluster_bits
+                ));
+            }
+            if rc == 0 {
                 if run_len == 0 {
                     run_start = cluster;
                 }
@@ -296,7 +310,9 @@ impl Meta {
             }
             for cluster in start..start + count {
                 if self.refcount(cluster)? != 0 {
-                    return Err(corrupt!("allocator picked cluster {cluster} that is in use"));
+                    return Err(corrupt!(
+                        "allocator picked cluster {cluster} that is in use"
+                    ));
                 }
                 self.set_refcount(cluster, 1)?;
             }

@@ -71,7 +71,9 @@ impl Meta {
         let written = self
             .storage
             .write_vectored_at(&pieces, host)
-            .map_err(Meta::io_err(format!("writing guest data to cluster at {host:#x}")));
+            .map_err(Meta::io_err(format!(
+                "writing guest data to cluster at {host:#x}"
+            )));
         if let Err(e) = written {
             if !reused {
                 // Give the cluster back; the old mapping still holds the old data.
@@ -144,13 +146,21 @@ impl Meta {
     }
 
     /// Reads `buf.len()` bytes at `within` of a cluster's old contents (one request).
-    fn read_old(&mut self, old: Mapping, cluster_start: u64, buf: &mut [u8], within: u64) -> Result<()> {
+    fn read_old(
+        &mut self,
+        old: Mapping,
+        cluster_start: u64,
+        buf: &mut [u8],
+        within: u64,
+    ) -> Result<()> {
         match old {
             Mapping::Normal { host, .. } => {
                 self.check_data_cluster(host)?;
                 self.storage
                     .read_at(buf, host + within)
-                    .map_err(Meta::io_err(format!("reading cluster at {host:#x} for copy-on-write")))
+                    .map_err(Meta::io_err(format!(
+                        "reading cluster at {host:#x} for copy-on-write"
+                    )))
             }
             Mapping::Unallocated => self.read_backing(buf, cluster_start + within),
             _ => {

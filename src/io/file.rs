@@ -139,7 +139,10 @@ impl FileStorage {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote 0 bytes"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote 0 bytes",
+                ));
             }
             let mut n = n as usize;
             pos += n as u64;
@@ -149,8 +152,8 @@ impl FileStorage {
                     first += 1;
                 } else {
                     // SAFETY: advancing within the same buffer.
-                    iov[first].iov_base = unsafe { (iov[first].iov_base as *mut u8).add(n) }
-                        as *mut libc::c_void;
+                    iov[first].iov_base =
+                        unsafe { (iov[first].iov_base as *mut u8).add(n) } as *mut libc::c_void;
                     iov[first].iov_len -= n;
                     n = 0;
                 }
@@ -160,10 +163,7 @@ impl FileStorage {
     }
 
     fn direct_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if is_aligned(offset)
-            && is_aligned(buf.len() as u64)
-            && is_aligned(buf.as_ptr() as u64)
-        {
+        if is_aligned(offset) && is_aligned(buf.len() as u64) && is_aligned(buf.as_ptr() as u64) {
             return self.pread_full(buf, offset);
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
@@ -278,7 +278,8 @@ mod tests {
             Ok(s) => s,
             Err(_) => FileStorage::open(&path, true, false).unwrap(), // tmpfs: no O_DIRECT
         };
-        s.write_vectored_at(&[b"hello", b" ", b"world"], 4095).unwrap();
+        s.write_vectored_at(&[b"hello", b" ", b"world"], 4095)
+            .unwrap();
         assert_eq!(s.len().unwrap(), 4095 + 11);
         let mut buf = [0u8; 13];
         s.read_at(&mut buf, 4094).unwrap();

@@ -12,10 +12,8 @@ impl Scratch {
     pub fn new(name: &str) -> Scratch {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!(
-            "cowdisk-test-{}-{name}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("cowdisk-test-{}-{name}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
@@ -93,8 +91,14 @@ pub fn qemu_check_clean(path: &Path) {
     assert_eq!(code, 0, "qemu-img check {p} exit {code}:\n{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("check json");
     assert_eq!(v["check-errors"], 0, "{out}");
-    assert!(v.get("leaks").map_or(true, |l| l == 0), "leaks: {out}\n{err}");
-    assert!(v.get("corruptions").map_or(true, |c| c == 0), "corruptions: {out}\n{err}");
+    assert!(
+        v.get("leaks").map_or(true, |l| l == 0),
+        "leaks: {out}\n{err}"
+    );
+    assert!(
+        v.get("corruptions").map_or(true, |c| c == 0),
+        "corruptions: {out}\n{err}"
+    );
 }
 
 /// Asserts `qemu-img compare` says the qcow2 image and the raw file are identical.
