@@ -34,6 +34,9 @@ pub enum Error {
     /// The image would grow beyond what the format or the configured limits allow.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// The backing chain is deeper than the open options allow.
+    #[error("{0}")]
+    ChainTooDeep(String),
     /// An earlier failure left the in-memory metadata in doubt; the handle refuses writes.
     #[error("image handle is broken by an earlier failure: {0}")]
     Broken(String),
@@ -61,6 +64,7 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EROFS,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::ChainTooDeep(_) => libc::ELOOP,
             Error::Broken(_) => libc::EIO,
         }
     }

@@ -70,7 +70,7 @@ impl Backing {
         depth_left: u32,
     ) -> Result<Backing> {
         if depth_left == 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::ChainTooDeep(format!(
                 "backing chain is deeper than {} images (at '{name}')",
                 opts.max_backing_depth
             )));

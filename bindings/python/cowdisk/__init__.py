@@ -1,0 +1,36 @@
+"""Python binding for cowdisk, a qcow2 block-driver library (ctypes over its C ABI).
+
+Example::
+
+    import cowdisk
+
+    cowdisk.create("disk.qcow2", 1 << 30)
+    with cowdisk.open("disk.qcow2") as img:
+        img.pwrite(b"hello", 4096)
+        assert img.pread(5, 4096) == b"hello"
+
+The shared library is found through ``$COWDISK_LIB``, then ``libcowdisk.so`` next to
+this package, then the repository's ``target/release`` and ``target/debug``.
+``cowdisk.library_path`` is the path that was loaded.
+"""
+
+from ._errors import Error, strerror
+from ._image import Image, ImageInfo, create, open, version
+from ._native import lib_path as library_path
+
+__all__ = [
+    "Error",
+    "Image",
+    "ImageInfo",
+    "create",
+    "open",
+    "version",
+    "strerror",
+    "library_path",
+]
+
+__version__ = "0.1.0"
+
+for _obj in (Error, Image, ImageInfo):
+    _obj.__module__ = __name__
+del _obj

@@ -1,0 +1,346 @@
+"""``create``, ``open`` and the ``Image`` handle."""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+from . import _native
+from ._buffer import Pinned
+from ._errors import check, invalid
+
+_lib = _native.lib
+
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+_COMPRESSION_BY_NAME = {"zlib": _native.COMPRESSION_ZLIB, "zstd": _native.COMPRESSION_ZSTD}
+_COMPRESSION_BY_CODE = {v: k for k, v in _COMPRESSION_BY_NAME.items()}
+
+
+# --- argument conversion ------------------------------------------------------------------
+
+
+def _path_bytes(path) -> bytes:
+    raw = os.fsencode(os.fspath(path))
+    if b"\0" in raw:
+        raise ValueError("embedded null byte in path")
+    return raw
+
+
+def _uint(value, name: str, maximum: int, filename=None) -> int:
+    value = operator.index(value)
+    if not 0 <= value <= maximum:
+        raise invalid(f"{name} out of range: {value}", filename)
+    return value
+
+
+def _length(value) -> int:
+    value = operator.index(value)
+    if value < 0:
+        raise ValueError(f"length must be non-negative, not {value}")
+    return value
+
+
+# --- info ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """Facts about an open image, as returned by :attr:`Image.info`.
+
+    Attributes:
+        version: qcow2 version, 2 or 3.
+        virtual_size: guest-visible size in bytes.
+        cluster_size: cluster size in bytes.
+        refcount_bits: refcount width in bits.
+        read_only: the handle was opened read-only.
+        lazy_refcounts: the image has lazy refcounts enabled.
+        dirty: the image's dirty bit is set.
+        corrupt: the image is marked corrupt.
+        compression_type: ``"zlib"`` or ``"zstd"``.
+        nb_snapshots: number of internal snapshots.
+        backing_depth: number of opened backing images below this one.
+        host_size: size of the image file on the host in bytes.
+        backing_file: backing file name stored in the image, or ``None``.
+        backing_format: backing format stored in the image, or ``None``.
+    """
+
+    version: int
+    virtual_size: int
+    cluster_size: int
+    refcount_bits: int
+    read_only: bool
+    lazy_refcounts: bool
+    dirty: bool
+    corrupt: bool
+    compression_type: str
+    nb_snapshots: int
+    backing_depth: int
+    host_size: int
+    backing_file: str | None
+    backing_format: str | None
+
+    @classmethod
+    def _from_c(cls, s: _native.Info) -> "ImageInfo":
+        def text(raw: bytes) -> str | None:
+            return os.fsdecode(raw) if raw else None
+
+        return cls(
+            version=s.version,
+            virtual_size=s.virtual_size,
+            cluster_size=s.cluster_size,
+            refcount_bits=s.refcount_bits,
+            read_only=bool(s.flags & _native.INFO_READONLY),
+            lazy_refcounts=bool(s.flags & _native.INFO_LAZY_REFCOUNTS),
+            dirty=bool(s.flags & _native.INFO_DIRTY),
+            corrupt=bool(s.flags & _native.INFO_CORRUPT),
+            compression_type=_COMPRESSION_BY_CODE.get(
+                s.compression_type, f"unknown({s.compression_type})"
+            ),
+            nb_snapshots=s.nb_snapshots,
+            backing_depth=s.backing_depth,
+            host_size=s.host_size,
+            backing_file=text(s.backing_file),
+            backing_format=text(s.backing_format),
+        )
+
+
+# --- the handle ---------------------------------------------------------------------------
+
+
+class Image:
+    """An open qcow2 image; get one from :func:`cowdisk.open`.
+
+    Offsets and lengths are guest (virtual disk) bytes and need no alignment. Methods may
+    be called from several threads at once; :meth:`close` waits for calls in progress.
+    Usable as a context manager, which closes the image on exit. Any method called on a
+    closed image raises ``ValueError``; failures raise :class:`cowdisk.Error`.
+
+    Attributes:
+        path: the path the image was opened from.
+        readonly: whether the image was opened read-only.
+    """
+
+    __slots__ = ("_handle", "_cond", "_active", "path", "readonly", "__weakref__")
+
+    def __init__(self, handle: int, path, readonly: bool):
+        """Private: wraps a live C handle. Use :func:`cowdisk.open` instead."""
+        self._handle = handle
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self.path = path
+        self.readonly = readonly
+
+    # Every C call on the handle goes through _call: it keeps the handle alive while the
+    # call runs (close waits for it) and turns a negative return into an Error.
+
+    def _acquire(self) -> int:
+        with self._cond:
+            if self._handle is None:
+                raise ValueError("I/O operation on closed image")
+            self._active += 1
+            return self._handle
+
+    def _release(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    def _call(self, fn, *args) -> None:
+        handle = self._acquire()
+        try:
+            rc = fn(handle, *args)
+        finally:
+            self._release()
+        check(rc, self.path)
+
+    # --- public API ---
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._handle is None
+
+    def close(self) -> None:
+        """Flushes and closes the image. Idempotent; raises :class:`cowdisk.Error` if the
+        final flush fails (the handle is released in any case)."""
+        with self._cond:
+            handle = self._handle
+            if handle is None:
+                return None
+            self._handle = None
+            while self._active:
+                self._cond.wait()
+        check(_lib.cowdisk_close(handle), self.path)
+        return None
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Reads ``length`` bytes at guest ``offset`` and returns them.
+
+        The range must lie within the virtual size (``Error`` with ``errno.EINVAL``
+        otherwise). Unallocated areas read from the backing chain, or as zeros.
+        """
+        buf = bytearray(_length(length))
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buffer, offset: int) -> int:
+        """Reads into a writable, C-contiguous buffer (bytearray, memoryview, array, ...)
+        exactly as many bytes as it holds, from guest ``offset``; returns that count."""
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        with Pinned(buffer, writable=True) as pin:
+            self._call(_lib.cowdisk_pread, pin.address, pin.nbytes, offset)
+            return pin.nbytes
+
+    def pwrite(self, data, offset: int) -> int:
+        """Writes ``data`` (any bytes-like object) at guest ``offset``; returns its length.
+
+        C-contiguous buffers are passed to the library without copying. The range must
+        lie within the virtual size (``errno.EINVAL``); a read-only image gives
+        ``errno.EROFS``. Data is durable after :meth:`flush` or :meth:`close`.
+        """
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        try:
+            pin = Pinned(data, writable=False)
+        except BufferError:
+            pin = Pinned(memoryview(data).tobytes(), writable=False)  # non-contiguous
+        with pin:
+            self._call(_lib.cowdisk_pwrite, pin.address, pin.nbytes, offset)
+            return pin.nbytes
+
+    def flush(self) -> None:
+        """Makes everything written so far durable on the host storage."""
+        self._call(_lib.cowdisk_flush)
+
+    @property
+    def info(self) -> ImageInfo:
+        """An :class:`ImageInfo` snapshot of the image's current state."""
+        s = _native.new_struct(_native.Info)
+        self._call(_lib.cowdisk_get_info, ctypes.byref(s))
+        return ImageInfo._from_c(s)
+
+    @property
+    def size(self) -> int:
+        """The virtual (guest-visible) size in bytes."""
+        return self.info.virtual_size
+
+    def __enter__(self) -> "Image":
+        if self._handle is None:
+            raise ValueError("I/O operation on closed image")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else ("ro" if self.readonly else "rw")
+        return f"<cowdisk.Image path={self.path!r} {state}>"
+
+    def __reduce__(self):
+        raise TypeError("cowdisk.Image cannot be pickled")
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is None:
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=2)
+        except Exception:  # warnings turned into errors, or interpreter shutdown
+            pass
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# --- module-level functions ---------------------------------------------------------------
+
+
+def create(
+    path,
+    size: int,
+    *,
+    version: int = 3,
+    cluster_size: int = 65536,
+    refcount_bits: int = 16,
+    lazy_refcounts: bool = False,
+    backing_file=None,
+    backing_format: str | None = None,
+    compression_type: str = "zlib",
+) -> None:
+    """Creates a new qcow2 image of ``size`` bytes at ``path`` (str or path-like).
+
+    The path must not exist yet (``errno.EEXIST``). ``version`` is 2 or 3;
+    ``cluster_size`` a power of two from 512 to 2 MiB; ``refcount_bits`` one of 1, 2, 4,
+    8, 16, 32, 64; ``lazy_refcounts`` needs version 3; ``compression_type`` is ``"zlib"``
+    or ``"zstd"``. ``backing_file`` is stored in the image as given (relative names are
+    resolved against the image's directory when opened); ``backing_format`` is
+    ``"qcow2"``, ``"raw"`` or ``None`` to probe. With a backing file and ``size`` 0, the
+    backing file's size is used. Bad options raise :class:`cowdisk.Error` (``EINVAL``).
+    """
+    p = _path_bytes(path)
+    size = _uint(size, "size", _U64_MAX, path)
+    try:
+        compression = _COMPRESSION_BY_NAME[compression_type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"compression_type must be 'zlib' or 'zstd', not {compression_type!r}"
+        ) from None
+    opts = _native.new_struct(_native.CreateOpts)
+    opts.version = _uint(version, "version", _U32_MAX, path)
+    opts.cluster_size = _uint(cluster_size, "cluster_size", _U32_MAX, path)
+    opts.refcount_bits = _uint(refcount_bits, "refcount_bits", _U32_MAX, path)
+    opts.flags = _native.CREATE_LAZY_REFCOUNTS if lazy_refcounts else 0
+    opts.compression_type = compression
+    backing = None if backing_file is None else _path_bytes(backing_file)
+    fmt = None if backing_format is None else _path_bytes(backing_format)
+    opts.backing_file = backing
+    opts.backing_format = fmt
+    check(_lib.cowdisk_create(p, size, ctypes.byref(opts)), path)
+
+
+def open(  # noqa: A001 - the binding's public name, shadows the builtin on purpose
+    path,
+    readonly: bool = False,
+    *,
+    direct: bool = False,
+    follow_backing: bool = True,
+    l2_cache_size: int = 0,
+    max_backing_depth: int = 0,
+) -> Image:
+    """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
+
+    ``readonly`` forbids writes; ``direct`` uses O_DIRECT; ``follow_backing=False``
+    refuses to open backing files named in the image (reads of unallocated clusters then
+    fail with ``errno.ENOTSUP``); ``l2_cache_size`` is in bytes (0 = enough for the whole
+    disk, up to 32 MiB); ``max_backing_depth`` limits the chain (0 = 32).
+
+    Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EINVAL`` for a
+    file that is not qcow2, ``ENOTSUP`` for unsupported features, ``EIO`` for corrupt
+    metadata.
+    """
+    p = _path_bytes(path)
+    opts = _native.new_struct(_native.OpenOpts)
+    flags = 0
+    if readonly:
+        flags |= _native.OPEN_READONLY
+    if direct:
+        flags |= _native.OPEN_DIRECT
+    if not follow_backing:
+        flags |= _native.OPEN_NO_BACKING
+    opts.flags = flags
+    opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
+    opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)
+    handle = _native.Handle()
+    check(_lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle)), path)
+    return Image(handle.value, os.fspath(path), bool(readonly))
+
+
+def version() -> str:
+    """Returns the version string of the loaded libcowdisk, for example ``"0.1.0"``."""
+    return _lib.cowdisk_version().decode("ascii", errors="replace")

@@ -1,0 +1,178 @@
+"""Loading ``libcowdisk`` and declaring its C ABI (``include/cowdisk.h``) with ctypes.
+
+Everything here mirrors the header exactly; nothing here is public API. To bind a new C
+function, add one line to ``_FUNCTIONS`` (and, if it takes a new struct, mirror the struct
+here with ``struct_size`` first).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from ctypes import (
+    POINTER,
+    Structure,
+    c_char,
+    c_char_p,
+    c_int,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from pathlib import Path
+
+LIBRARY_NAME = "libcowdisk.so"
+ENV_VAR = "COWDISK_LIB"
+
+# --- constants (COWDISK_* in the header) ------------------------------------------------
+
+OPEN_READONLY = 1
+OPEN_DIRECT = 2
+OPEN_NO_BACKING = 4
+
+CREATE_LAZY_REFCOUNTS = 1
+
+INFO_READONLY = 1
+INFO_LAZY_REFCOUNTS = 2
+INFO_DIRTY = 4
+INFO_CORRUPT = 8
+
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+
+
+# --- structs ------------------------------------------------------------------------------
+
+
+class CreateOpts(Structure):
+    """``struct cowdisk_create_opts``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("version", c_uint32),
+        ("cluster_size", c_uint32),
+        ("refcount_bits", c_uint32),
+        ("flags", c_uint32),
+        ("compression_type", c_uint32),
+        ("backing_file", c_char_p),
+        ("backing_format", c_char_p),
+    ]
+
+
+class OpenOpts(Structure):
+    """``struct cowdisk_open_opts``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("flags", c_uint32),
+        ("l2_cache_size", c_uint64),
+        ("max_backing_depth", c_uint32),
+        ("reserved", c_uint32),
+    ]
+
+
+class Info(Structure):
+    """``struct cowdisk_info``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("version", c_uint32),
+        ("virtual_size", c_uint64),
+        ("cluster_size", c_uint32),
+        ("refcount_bits", c_uint32),
+        ("flags", c_uint32),
+        ("compression_type", c_uint32),
+        ("nb_snapshots", c_uint32),
+        ("backing_depth", c_uint32),
+        ("host_size", c_uint64),
+        ("backing_file", c_char * 1024),
+        ("backing_format", c_char * 32),
+    ]
+
+
+def new_struct(cls):
+    """Returns a zeroed instance of an option/info struct with ``struct_size`` set."""
+    s = cls()
+    s.struct_size = ctypes.sizeof(cls)
+    return s
+
+
+# An opaque ``cowdisk *`` handle travels as a void pointer.
+Handle = c_void_p
+
+# name -> (restype, argtypes). Every function of include/cowdisk.h appears here.
+_FUNCTIONS = {
+    "cowdisk_create": (c_int, [c_char_p, c_uint64, POINTER(CreateOpts)]),
+    "cowdisk_open": (c_int, [c_char_p, POINTER(OpenOpts), POINTER(Handle)]),
+    "cowdisk_close": (c_int, [Handle]),
+    "cowdisk_pread": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
+    "cowdisk_pwrite": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
+    "cowdisk_flush": (c_int, [Handle]),
+    "cowdisk_get_info": (c_int, [Handle, POINTER(Info)]),
+    "cowdisk_last_error": (c_char_p, []),
+    "cowdisk_strerror": (c_char_p, [c_int]),
+    "cowdisk_version": (c_char_p, []),
+}
+
+
+# --- finding and loading the library ------------------------------------------------------
+
+
+def candidate_paths() -> list[Path]:
+    """The places searched for the library, in order (``COWDISK_LIB`` excluded)."""
+    package_dir = Path(__file__).resolve().parent
+    paths = [package_dir / LIBRARY_NAME, package_dir.parent / LIBRARY_NAME]
+    if len(package_dir.parents) > 2:
+        repo = package_dir.parents[2]  # <repo>/bindings/python/cowdisk
+        paths += [
+            repo / "target" / "release" / LIBRARY_NAME,
+            repo / "target" / "debug" / LIBRARY_NAME,
+        ]
+    return paths
+
+
+def _load_cdll(path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(os.fspath(path))
+    except OSError as e:
+        raise ImportError(f"cowdisk: cannot load {path}: {e}", path=os.fspath(path)) from e
+
+
+def find_and_load() -> tuple[ctypes.CDLL, str]:
+    """Loads the library: ``$COWDISK_LIB`` if set, else the first existing candidate."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if not os.path.exists(env):
+            raise ImportError(
+                f"cowdisk: {ENV_VAR}={env!r} does not exist; point it at libcowdisk.so "
+                f"or unset it to search the default locations",
+                path=env,
+            )
+        return _load_cdll(env), env
+    tried = candidate_paths()
+    for p in tried:
+        if p.is_file():
+            return _load_cdll(p), str(p)
+    listing = "\n  ".join(str(p) for p in tried)
+    raise ImportError(
+        "cowdisk: cannot find libcowdisk.so. Build it with `cargo build --release` in the "
+        f"repository, or set {ENV_VAR} to its path. Searched:\n  {listing}"
+    )
+
+
+def declare(lib: ctypes.CDLL, path: str) -> None:
+    """Sets restype/argtypes on every C function; ImportError if a symbol is missing."""
+    for name, (restype, argtypes) in _FUNCTIONS.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise ImportError(
+                f"cowdisk: {path} does not export {name}; is it a stale build?", path=path
+            ) from None
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+lib, lib_path = find_and_load()
+declare(lib, lib_path)
