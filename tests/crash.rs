@@ -62,7 +62,7 @@ fn check_after_crash(path: &Path, durable: &[u8], unsure: &[bool], what: &str) {
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
-        v.get("corruptions").map_or(true, |c| c == 0),
+        v.get("corruptions").is_none_or(|c| c == 0),
         "{what}: {out}\n{err}"
     );
     let img = Image::open(

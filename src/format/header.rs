@@ -442,7 +442,7 @@ impl Header {
         if offset == 0 {
             return Err(corrupt!("{what} at offset 0 overlaps the header"));
         }
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(corrupt!("{what} at {offset:#x} is not cluster-aligned"));
         }
         match offset.checked_add(len) {

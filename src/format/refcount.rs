@@ -67,7 +67,7 @@ mod tests {
     fn every_width_roundtrips_without_touching_neighbours() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             let max = max_value(order);
             for i in 0..entries {
                 set(&mut block, i, order, (i as u64 * 7 + 3) & max).unwrap();

@@ -46,9 +46,6 @@ fn validate(size: u64, opts: &CreateOptions) -> Result<(u32, u32)> {
     if opts.version == 2 && opts.compression_type != CompressionType::Zlib {
         return Err(invalid!("zstd compression needs a version 3 image"));
     }
-    if size % 512 != 0 {
-        return Err(invalid!("image size {size} is not a multiple of 512 bytes"));
-    }
     let cluster_bits = cs.trailing_zeros();
     let max = 1u64 << (2 * cluster_bits + 19).min(56);
     if size > max {
@@ -76,8 +73,15 @@ fn validate(size: u64, opts: &CreateOptions) -> Result<(u32, u32)> {
     Ok((cluster_bits, rb.trailing_zeros()))
 }
 
+/// Rounds a requested size up to whole 512-byte sectors, as qemu-img does.
+fn round_size(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(512)
+        .ok_or_else(|| invalid!("image size {size} is too large"))
+}
+
 /// Creates the file at `path` and formats it; removes it again if formatting fails.
 pub(crate) fn create_file(path: &Path, size: u64, opts: &CreateOptions) -> Result<()> {
+    let size = round_size(size)?;
     validate(size, opts)?;
     let storage = FileStorage::create(path)
         .map_err(|e| Error::io(format!("cannot create '{}'", path.display()), e))?;
@@ -95,9 +99,9 @@ pub(crate) fn format_storage(
     opts: &CreateOptions,
     path: Option<&Path>,
 ) -> Result<()> {
+    let mut size = round_size(size)?;
     let (cluster_bits, refcount_order) = validate(size, opts)?;
     let mut opts = opts.clone();
-    let mut size = size;
     if let Some(name) = &opts.backing_file {
         // Check the backing file now (as qemu-img does) and learn its size and format.
         let resolved = resolve_backing_path(path, name);

@@ -72,7 +72,7 @@ impl Meta {
         if offset == 0 {
             return Err(corrupt!("{what} at offset 0 overlaps the header"));
         }
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(corrupt!("{what} at {offset:#x} is not cluster-aligned"));
         }
         match offset.checked_add(len) {

@@ -13,6 +13,10 @@ use crate::unsupported;
 /// as zero.
 static ZEROS: [u8; 1 << 21] = [0; 1 << 21];
 
+/// The old contents of a new cluster's head and tail (borrowed zeros when they read
+/// as zero).
+type CowRegions = (Cow<'static, [u8]>, Cow<'static, [u8]>);
+
 /// Head and tail regions closer than this are read with a single request.
 const COW_MERGE_GAP: u64 = 16 * 1024;
 
@@ -103,7 +107,7 @@ impl Meta {
         cluster_start: u64,
         head_len: u64,
         tail_start: u64,
-    ) -> Result<(Cow<'static, [u8]>, Cow<'static, [u8]>)> {
+    ) -> Result<CowRegions> {
         let cs = self.cluster_size;
         let tail_len = cs - tail_start;
         let zeros = |len: u64| Cow::Borrowed(&ZEROS[..len as usize]);

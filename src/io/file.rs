@@ -59,7 +59,7 @@ impl Drop for AlignedBuf {
 }
 
 fn is_aligned(v: u64) -> bool {
-    v % DIRECT_ALIGN as u64 == 0
+    v.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 impl FileStorage {

@@ -1,7 +1,7 @@
 //! `cowdisk create`: makes a new qcow2 image, like `qemu-img create -f qcow2`.
 
 use crate::parse::{apply_create_options, parse_size, OptionExtras, CREATE_OPTIONS_HELP};
-use crate::{CliError, CliResult, Context};
+use crate::{CliError, CliResult, Context, PathContext};
 use clap::Args;
 use cowdisk::{CreateOptions, Image, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -155,8 +155,7 @@ pub fn run(args: CreateArgs) -> CliResult {
                 .ok_or_else(|| CliError(format!("size {s} is too large")))
         })
         .transpose()?;
-    Image::create(&file, size.unwrap_or(0), &opts)
-        .context(|| format!("could not create '{}'", file.display()))?;
+    Image::create(&file, size.unwrap_or(0), &opts).path_context("create", &file)?;
 
     let final_size = match size {
         Some(s) => s,
@@ -167,8 +166,7 @@ pub fn run(args: CreateArgs) -> CliResult {
                 follow_backing: false,
                 ..OpenOptions::default()
             };
-            let image = Image::open(&file, &open)
-                .context(|| format!("could not open the new image '{}'", file.display()))?;
+            let image = Image::open(&file, &open).path_context("open the new image", &file)?;
             let s = image.info().virtual_size;
             image
                 .close()

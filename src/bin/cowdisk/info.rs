@@ -1,7 +1,7 @@
 //! `cowdisk info`: facts about an image, like `qemu-img info`, as text or JSON.
 
 use crate::parse::human_size;
-use crate::{CliError, CliResult, Context};
+use crate::{CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::BackingInfo;
 use cowdisk::{Image, ImageInfo, OpenOptions};
@@ -76,8 +76,7 @@ fn open_info(path: &Path, follow_backing: bool) -> CliResult<ImageInfo> {
         follow_backing,
         ..OpenOptions::default()
     };
-    let image =
-        Image::open(path, &options).context(|| format!("could not open '{}'", path.display()))?;
+    let image = Image::open(path, &options).path_context("open", path)?;
     let info = image.info();
     image
         .close()
@@ -283,7 +282,7 @@ fn entry_human(entry: &Entry) -> String {
                 out += "Backing chain:\n";
                 for (depth, member) in chain.iter().enumerate() {
                     out += &format!(
-                        "    [{}] {} ({}, {})\n",
+                        "    [{}] {}: {}, virtual size {}\n",
                         depth + 1,
                         member.filename,
                         member.format,

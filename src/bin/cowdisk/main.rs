@@ -3,9 +3,13 @@
 //!
 //! Errors print `cowdisk: <message>` on stderr and exit with status 1.
 
+/// `cowdisk create`.
 mod create;
+/// `cowdisk info`.
 mod info;
+/// Size, pattern and option parsing; size formatting.
 mod parse;
+/// `cowdisk read` and `cowdisk write`.
 mod rw;
 
 use clap::{Parser, Subcommand};
@@ -39,18 +43,21 @@ enum Command {
 pub struct CliError(pub String);
 
 impl fmt::Display for CliError {
+    /// Writes the message alone.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
 }
 
 impl From<String> for CliError {
+    /// Wraps a message.
     fn from(message: String) -> Self {
         CliError(message)
     }
 }
 
 impl From<cowdisk::Error> for CliError {
+    /// Uses the library error's message.
     fn from(error: cowdisk::Error) -> Self {
         CliError(error.to_string())
     }
@@ -66,8 +73,31 @@ pub trait Context<T> {
 }
 
 impl<T> Context<T> for Result<T, cowdisk::Error> {
+    /// Prefixes the error with `what`.
     fn context(self, what: impl FnOnce() -> String) -> CliResult<T> {
         self.map_err(|e| CliError(format!("{}: {e}", what())))
+    }
+}
+
+/// Adds the file name to a library error unless the message already names it.
+pub trait PathContext<T> {
+    /// On failure, reports `could not <verb> '<path>': <error>`, or just the error
+    /// when its message already mentions `path`.
+    fn path_context(self, verb: &str, path: &std::path::Path) -> CliResult<T>;
+}
+
+impl<T> PathContext<T> for Result<T, cowdisk::Error> {
+    /// Names the file unless the library message already does.
+    fn path_context(self, verb: &str, path: &std::path::Path) -> CliResult<T> {
+        self.map_err(|e| {
+            let message = e.to_string();
+            let name = path.display().to_string();
+            if message.contains(&format!("'{name}'")) {
+                CliError(message)
+            } else {
+                CliError(format!("could not {verb} '{name}': {message}"))
+            }
+        })
     }
 }
 
@@ -77,6 +107,7 @@ impl<T> Context<T> for std::io::Result<T> {
     }
 }
 
+/// Parses the command line, runs the subcommand, and turns errors into `cowdisk: ...` on stderr with exit status 1.
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -269,6 +269,7 @@ fn format_g3(value: f64) -> String {
 
 /// Formats a byte count like QEMU's `size_to_str`: `1 GiB`, `1.5 MiB`, `196 KiB`.
 pub fn human_size(bytes: u64) -> String {
+    /// Binary unit prefixes, by power of 1024.
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     // frexp(bytes * 1024 / 1000) exponent, minus one, divided by ten.
     let x = bytes as f64 / (1000.0 / 1024.0);
@@ -282,10 +283,12 @@ pub fn human_size(bytes: u64) -> String {
     format!("{} {}B", format_g3(bytes as f64 / div), SUFFIXES[i])
 }
 
+/// Unit tests of the parsers and formatters.
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Plain, suffixed, fractional and hex sizes parse.
     #[test]
     fn sizes_plain_and_suffixed() {
         assert_eq!(parse_size("0"), Ok(0));
@@ -304,6 +307,7 @@ mod tests {
         assert_eq!(parse_size(" 8k "), Ok(8192));
     }
 
+    /// Malformed and overflowing sizes are errors.
     #[test]
     fn sizes_rejected() {
         for bad in [
@@ -326,6 +330,7 @@ mod tests {
         assert_eq!(parse_size("15E"), Ok(15 << 60));
     }
 
+    /// Pattern bytes accept decimal and hex within 0..=255.
     #[test]
     fn pattern_bytes() {
         assert_eq!(parse_byte("0xcd"), Ok(0xcd));
@@ -338,6 +343,7 @@ mod tests {
         assert!(parse_byte("x").is_err());
     }
 
+    /// Applies one option list to default options.
     fn apply(list: &str) -> Result<(CreateOptions, OptionExtras), String> {
         let mut opts = CreateOptions::default();
         let mut extras = OptionExtras::default();
@@ -345,6 +351,7 @@ mod tests {
         Ok((opts, extras))
     }
 
+    /// Every supported option lands in the right field.
     #[test]
     fn create_options_all() {
         let (o, e) = apply(
@@ -364,6 +371,7 @@ mod tests {
         assert!(!e.help);
     }
 
+    /// compat aliases and QEMU boolean spellings.
     #[test]
     fn create_options_compat_aliases_and_bools() {
         assert_eq!(apply("compat=0.10").unwrap().0.version, 2);
@@ -378,6 +386,7 @@ mod tests {
         assert!(apply("preallocation=full").is_err());
     }
 
+    /// Errors name the offending option.
     #[test]
     fn create_options_errors_name_the_option() {
         let err = apply("cluster_size=64k,frobnicate=1").unwrap_err();
@@ -390,6 +399,7 @@ mod tests {
         assert!(apply("backing_fmt=vmdk").is_err());
     }
 
+    /// `,,` escapes a comma; `help` and `?` ask for help.
     #[test]
     fn create_options_escaped_comma_and_help() {
         let (o, _) = apply("backing_file=a,,b.qcow2,cluster_size=512").unwrap();
@@ -401,6 +411,7 @@ mod tests {
         assert_eq!(apply("backing_file=").unwrap().0.backing_file, None);
     }
 
+    /// Sizes format as qemu-img prints them.
     #[test]
     fn human_sizes_like_qemu() {
         assert_eq!(human_size(0), "0 B");
@@ -416,6 +427,7 @@ mod tests {
         assert_eq!(human_size(u64::MAX), "16 EiB");
     }
 
+    /// `%.3g` formatting, including its scientific switch.
     #[test]
     fn g3_formatting() {
         assert_eq!(format_g3(1.0), "1");

@@ -2,7 +2,7 @@
 //! `qemu-io -c write` and `qemu-io -c read`.
 
 use crate::parse::{parse_byte, parse_size};
-use crate::{CliError, CliResult, Context};
+use crate::{CliError, CliResult, Context, PathContext};
 use clap::Args;
 use cowdisk::{Image, OpenOptions};
 use std::fs::File;
@@ -65,7 +65,7 @@ fn open(path: &Path, read_only: bool) -> CliResult<Image> {
         read_only,
         ..OpenOptions::default()
     };
-    Image::open(path, &options).context(|| format!("could not open '{}'", path.display()))
+    Image::open(path, &options).path_context("open", path)
 }
 
 /// Refuses a request that does not fit inside the virtual disk.
@@ -256,10 +256,12 @@ pub fn hexdump(data: &[u8], offset: u64) -> String {
     out
 }
 
+/// Unit tests of the hexdump layout.
 #[cfg(test)]
 mod tests {
     use super::hexdump;
 
+    /// Full and partial lines look like `qemu-io read -v` output.
     #[test]
     fn hexdump_matches_qemu_io_layout() {
         let data = [0xabu8; 16];

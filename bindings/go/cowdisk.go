@@ -1,0 +1,424 @@
+// Package cowdisk reads and writes qcow2 disk images through libcowdisk, a qcow2
+// block-driver library with a stable C ABI.
+//
+// Create makes a new image and Open opens one; the returned *Image implements
+// io.ReaderAt, io.WriterAt and io.Closer over the image's guest-visible contents
+// (its "virtual disk"), so it works with io.NewSectionReader and friends.
+//
+//	if err := cowdisk.Create("disk.qcow2", 1<<30, nil); err != nil { ... }
+//	img, err := cowdisk.Open("disk.qcow2", nil)
+//	if err != nil { ... }
+//	defer img.Close()
+//	_, err = img.WriteAt([]byte("hello"), 4096)
+//
+// An *Image may be used by many goroutines at once. Errors are *Error values that
+// wrap a syscall.Errno, so errors.Is(err, syscall.ENOENT) or
+// errors.Is(err, fs.ErrNotExist) work.
+//
+// Building: by default the package links the static library
+// ../../target/release/libcowdisk.a of the source tree (run `cargo build --release`
+// at the repository root first). Build tag cowdisk_dynamic links libcowdisk.so from
+// the same directory instead; build tag cowdisk_external links -lcowdisk from the
+// paths given in CGO_LDFLAGS.
+package cowdisk
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/../../include
+#include <stdlib.h>
+#include <cowdisk.h>
+*/
+import "C"
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+)
+
+// Version returns the version of the linked libcowdisk, for example "0.1.0".
+func Version() string {
+	return C.GoString(C.cowdisk_version())
+}
+
+// CreateOptions are the settings of a new image. The zero value of every field
+// means the library's default (QEMU's defaults).
+type CreateOptions struct {
+	// Version is the qcow2 version, 2 or 3 (0 = 3).
+	Version uint32
+	// ClusterSize is the cluster size in bytes, a power of two from 512 to
+	// 2 MiB (0 = 64 KiB).
+	ClusterSize uint32
+	// RefcountBits is the refcount width: 1, 2, 4, 8, 16, 32 or 64 (0 = 16).
+	// Version 2 images only allow 16.
+	RefcountBits uint32
+	// LazyRefcounts enables lazy refcounts (version 3 only).
+	LazyRefcounts bool
+	// BackingFile is the backing file name stored in the image ("" = none).
+	// A relative name is resolved against the image's directory. When it is set
+	// and the size passed to Create is 0, the backing file's size is used.
+	BackingFile string
+	// BackingFormat is the backing file's format, "qcow2" or "raw" ("" = probe).
+	BackingFormat string
+	// CompressionType is the codec of compressed clusters: "zlib" or "zstd"
+	// ("" = "zlib"; "zstd" needs version 3).
+	CompressionType string
+}
+
+// compressionNames are the CompressionType names, indexed by their C code.
+var compressionNames = [...]string{0: "zlib", 1: "zstd"}
+
+// cString converts s to a C string owned by the caller (free with C.free),
+// rejecting strings with NUL bytes, which C cannot represent.
+func cString(op, path, what, s string) (*C.char, error) {
+	if strings.IndexByte(s, 0) >= 0 {
+		return nil, newError(op, path, syscall.EINVAL, "invalid argument: %s contains a NUL byte", what)
+	}
+	return C.CString(s), nil
+}
+
+// Create creates a new qcow2 image of size bytes at path, which must not exist
+// yet (syscall.EEXIST otherwise). size is rounded up to a multiple of 512, as
+// qemu-img does. A nil opts uses the defaults: version 3, 64 KiB clusters, 16-bit
+// refcounts, no backing file. Bad options are syscall.EINVAL.
+func Create(path string, size uint64, opts *CreateOptions) error {
+	const op = "create"
+	cpath, err := cString(op, path, "path", path)
+	if err != nil {
+		return err
+	}
+	defer C.free(unsafe.Pointer(cpath))
+
+	var copts *C.cowdisk_create_opts
+	if opts != nil {
+		var co C.cowdisk_create_opts
+		co.struct_size = C.uint32_t(C.sizeof_cowdisk_create_opts)
+		co.version = C.uint32_t(opts.Version)
+		co.cluster_size = C.uint32_t(opts.ClusterSize)
+		co.refcount_bits = C.uint32_t(opts.RefcountBits)
+		if opts.LazyRefcounts {
+			co.flags |= C.COWDISK_CREATE_LAZY_REFCOUNTS
+		}
+		switch opts.CompressionType {
+		case "", "zlib":
+			co.compression_type = 0
+		case "zstd":
+			co.compression_type = 1
+		default:
+			return newError(op, path, syscall.EINVAL,
+				"invalid argument: unknown compression type %q (use \"zlib\" or \"zstd\")", opts.CompressionType)
+		}
+		if opts.BackingFile != "" {
+			s, err := cString(op, path, "backing file name", opts.BackingFile)
+			if err != nil {
+				return err
+			}
+			defer C.free(unsafe.Pointer(s))
+			co.backing_file = s
+		}
+		if opts.BackingFormat != "" {
+			s, err := cString(op, path, "backing format", opts.BackingFormat)
+			if err != nil {
+				return err
+			}
+			defer C.free(unsafe.Pointer(s))
+			co.backing_format = s
+		}
+		copts = &co
+	}
+	return call(op, path, func() C.int {
+		return C.cowdisk_create(cpath, C.uint64_t(size), copts)
+	})
+}
+
+// OpenOptions control how an image is opened. The zero value opens read-write with
+// buffered I/O, following backing files (as QEMU does).
+type OpenOptions struct {
+	// ReadOnly refuses all writes; they fail with syscall.EROFS.
+	ReadOnly bool
+	// Direct opens the image file with O_DIRECT, bypassing the host page cache
+	// (the host file system must support it).
+	Direct bool
+	// NoBacking refuses to open the backing files named inside the image (use it
+	// for untrusted images). Reads of unallocated clusters of an image that has a
+	// backing file then fail with syscall.ENOTSUP.
+	NoBacking bool
+	// L2CacheSize is the number of bytes of L2 tables to cache (0 = enough to cover
+	// the whole disk, up to 32 MiB).
+	L2CacheSize uint64
+	// MaxBackingDepth is the maximum length of the backing chain (0 = 32).
+	MaxBackingDepth uint32
+}
+
+// Image is an open qcow2 image. It is safe for concurrent use by multiple
+// goroutines, including a Close racing other calls: calls that start after Close
+// fail with an error matching ErrClosed.
+//
+// An Image that becomes unreachable without being closed is closed (and flushed)
+// by a finalizer, but errors are then lost: call Close.
+type Image struct {
+	path string
+	size atomic.Int64 // virtual size in bytes, cached
+
+	// mu is held for reading by every call that uses h and for writing by Close,
+	// so that the handle is never freed while a C call still uses it.
+	mu sync.RWMutex
+	h  *C.cowdisk // nil once closed
+}
+
+// Open opens the qcow2 image at path. A nil opts is the same as &OpenOptions{}.
+// The returned Image must be closed with Close.
+//
+// Typical errors: syscall.ENOENT (and other host errors) for the file,
+// syscall.EINVAL for a file that is not qcow2, syscall.ENOTSUP for features the
+// library does not implement (named in the message), syscall.EIO for corrupt
+// metadata.
+func Open(path string, opts *OpenOptions) (*Image, error) {
+	const op = "open"
+	cpath, err := cString(op, path, "path", path)
+	if err != nil {
+		return nil, err
+	}
+	defer C.free(unsafe.Pointer(cpath))
+
+	var copts *C.cowdisk_open_opts
+	if opts != nil {
+		var co C.cowdisk_open_opts
+		co.struct_size = C.uint32_t(C.sizeof_cowdisk_open_opts)
+		if opts.ReadOnly {
+			co.flags |= C.COWDISK_OPEN_READONLY
+		}
+		if opts.Direct {
+			co.flags |= C.COWDISK_OPEN_DIRECT
+		}
+		if opts.NoBacking {
+			co.flags |= C.COWDISK_OPEN_NO_BACKING
+		}
+		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)
+		co.max_backing_depth = C.uint32_t(opts.MaxBackingDepth)
+		copts = &co
+	}
+
+	var h *C.cowdisk
+	err = call(op, path, func() C.int {
+		return C.cowdisk_open(cpath, copts, &h)
+	})
+	if err != nil {
+		return nil, err
+	}
+	img := &Image{path: path, h: h}
+	info, err := img.Info()
+	if err != nil {
+		img.Close()
+		return nil, err
+	}
+	img.size.Store(int64(info.VirtualSize))
+	runtime.SetFinalizer(img, (*Image).Close)
+	return img, nil
+}
+
+// do runs one C call on the live handle with the read lock held; it fails with
+// an ErrClosed error if the image is closed. fn receives the handle and makes
+// exactly one cowdisk call that returns 0 or a negative errno.
+//
+// Every new handle method (WriteZeroes, Discard, snapshots, ...) is a one-line
+// use of do.
+func (img *Image) do(op string, fn func(h *C.cowdisk) C.int) error {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	h := img.h
+	if h == nil {
+		return closedError(op, img.path)
+	}
+	err := call(op, img.path, func() C.int { return fn(h) })
+	runtime.KeepAlive(img)
+	return err
+}
+
+// Path returns the path the image was opened with.
+func (img *Image) Path() string { return img.path }
+
+// Size returns the virtual size of the image (the size of the guest disk) in bytes.
+func (img *Image) Size() int64 { return img.size.Load() }
+
+// bufPtr returns a pointer to the first byte of p, or nil for an empty slice.
+// The slice is passed to C without copying.
+func bufPtr(p []byte) unsafe.Pointer {
+	if len(p) == 0 {
+		return nil
+	}
+	return unsafe.Pointer(&p[0])
+}
+
+// ReadAt reads len(p) bytes of the guest disk at offset off, implementing
+// io.ReaderAt. Unallocated clusters read from the backing chain, or as zeros.
+//
+// End of disk: like *os.File, a read that starts at or past Size() returns
+// 0, io.EOF, and a read that crosses Size() fills the part before the end and
+// returns the count with io.EOF; an empty p returns 0, nil. A negative off is
+// syscall.EINVAL. On any other error n is 0: the library reads a range
+// completely or reports failure.
+func (img *Image) ReadAt(p []byte, off int64) (n int, err error) {
+	const op = "read"
+	if off < 0 {
+		return 0, newError(op, img.path, syscall.EINVAL, "invalid argument: negative offset %d", off)
+	}
+	size := img.Size()
+	if off >= size || len(p) == 0 {
+		// Nothing to ask the library, but still report use after Close.
+		img.mu.RLock()
+		closed := img.h == nil
+		img.mu.RUnlock()
+		if closed {
+			return 0, closedError(op, img.path)
+		}
+		if len(p) == 0 {
+			return 0, nil
+		}
+		return 0, io.EOF
+	}
+	n = len(p)
+	if rest := size - off; int64(n) > rest {
+		n = int(rest)
+	}
+	err = img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_pread(h, bufPtr(p), C.size_t(n), C.uint64_t(off))
+	})
+	runtime.KeepAlive(p)
+	if err != nil {
+		return 0, err
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// WriteAt writes len(p) bytes to the guest disk at offset off, implementing
+// io.WriterAt. The whole range must lie within Size(); otherwise nothing is
+// written and the error is syscall.EINVAL. A read-only image gives syscall.EROFS.
+// The write is all or nothing: n is len(p) or 0. On failure the old contents of
+// the range stay readable. Data is durable only after Flush or Close.
+func (img *Image) WriteAt(p []byte, off int64) (n int, err error) {
+	const op = "write"
+	if off < 0 {
+		return 0, newError(op, img.path, syscall.EINVAL, "invalid argument: negative offset %d", off)
+	}
+	err = img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_pwrite(h, bufPtr(p), C.size_t(len(p)), C.uint64_t(off))
+	})
+	runtime.KeepAlive(p)
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Flush makes everything written so far durable on the host storage.
+func (img *Image) Flush() error {
+	return img.do("flush", func(h *C.cowdisk) C.int { return C.cowdisk_flush(h) })
+}
+
+// Close flushes the image and releases it, returning the flush status; the image
+// is released even when the flush fails. Close waits for calls in progress on
+// other goroutines. It is idempotent: calling it again returns nil. Every other
+// method fails with an error matching ErrClosed after Close.
+func (img *Image) Close() error {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	h := img.h
+	if h == nil {
+		return nil
+	}
+	img.h = nil
+	runtime.SetFinalizer(img, nil)
+	return call("close", img.path, func() C.int { return C.cowdisk_close(h) })
+}
+
+// Info describes an open image.
+type Info struct {
+	// Version is the qcow2 version, 2 or 3.
+	Version uint32
+	// VirtualSize is the size of the guest disk in bytes.
+	VirtualSize uint64
+	// ClusterSize is the cluster size in bytes.
+	ClusterSize uint32
+	// RefcountBits is the refcount width in bits.
+	RefcountBits uint32
+	// ReadOnly is true when the image was opened read-only.
+	ReadOnly bool
+	// LazyRefcounts is true when the image has lazy refcounts enabled.
+	LazyRefcounts bool
+	// Dirty is true when the image's dirty bit is set.
+	Dirty bool
+	// Corrupt is true when the image is marked corrupt.
+	Corrupt bool
+	// CompressionType is the codec of compressed clusters, "zlib" or "zstd".
+	CompressionType string
+	// NbSnapshots is the number of internal snapshots.
+	NbSnapshots uint32
+	// BackingDepth is the number of backing images opened below this one.
+	BackingDepth uint32
+	// HostSize is the size of the image file on the host in bytes.
+	HostSize uint64
+	// BackingFile is the backing file name as stored in the image ("" = none).
+	BackingFile string
+	// BackingFormat is the backing format as stored in the image ("" = none).
+	BackingFormat string
+}
+
+// cArrayString converts a NUL-terminated C char array to a Go string, never
+// reading past the array.
+func cArrayString(p *C.char, n int) string {
+	b := unsafe.Slice((*byte)(unsafe.Pointer(p)), n)
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		b = b[:i]
+	}
+	return string(b)
+}
+
+// Info returns facts about the image: version, sizes, flags, backing file.
+func (img *Image) Info() (Info, error) {
+	var ci C.cowdisk_info
+	ci.struct_size = C.uint32_t(C.sizeof_cowdisk_info)
+	err := img.do("info", func(h *C.cowdisk) C.int {
+		return C.cowdisk_get_info(h, &ci)
+	})
+	if err != nil {
+		return Info{}, err
+	}
+	flags := uint32(ci.flags)
+	info := Info{
+		Version:       uint32(ci.version),
+		VirtualSize:   uint64(ci.virtual_size),
+		ClusterSize:   uint32(ci.cluster_size),
+		RefcountBits:  uint32(ci.refcount_bits),
+		ReadOnly:      flags&C.COWDISK_INFO_READONLY != 0,
+		LazyRefcounts: flags&C.COWDISK_INFO_LAZY_REFCOUNTS != 0,
+		Dirty:         flags&C.COWDISK_INFO_DIRTY != 0,
+		Corrupt:       flags&C.COWDISK_INFO_CORRUPT != 0,
+		NbSnapshots:   uint32(ci.nb_snapshots),
+		BackingDepth:  uint32(ci.backing_depth),
+		HostSize:      uint64(ci.host_size),
+		BackingFile:   cArrayString(&ci.backing_file[0], len(ci.backing_file)),
+		BackingFormat: cArrayString(&ci.backing_format[0], len(ci.backing_format)),
+	}
+	if c := int(ci.compression_type); c < len(compressionNames) {
+		info.CompressionType = compressionNames[c]
+	} else {
+		info.CompressionType = fmt.Sprintf("unknown(%d)", c)
+	}
+	return info, nil
+}
+
+// Compile-time checks of the io interfaces.
+var (
+	_ io.ReaderAt = (*Image)(nil)
+	_ io.WriterAt = (*Image)(nil)
+	_ io.Closer   = (*Image)(nil)
+)

@@ -1,0 +1,3 @@
+module cowdisk.dev/cowdisk
+
+go 1.19

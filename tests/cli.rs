@@ -1,0 +1,531 @@
+//! Integration tests of the `cowdisk` command-line tool, cross-checked against
+//! `qemu-img` and `qemu-io` (tests needing them are skipped when they are missing).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch folder under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh folder whose name includes the test name and the process id.
+    fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("cowdisk-cli-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// A path inside the folder, as a string for command lines.
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    /// Removes the folder and everything in it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `cowdisk` with `args`.
+fn cowdisk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cowdisk"))
+        .args(args)
+        .output()
+        .expect("run cowdisk")
+}
+
+/// Runs `cowdisk`, asserts success and returns its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = cowdisk(args);
+    assert!(
+        out.status.success(),
+        "cowdisk {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs `cowdisk`, asserts exit status 1 with a `cowdisk: ` message, returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = cowdisk(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "cowdisk {args:?} should exit 1; stdout: {} stderr: {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.starts_with("cowdisk: "),
+        "error message of {args:?} should start with 'cowdisk: ': {stderr}"
+    );
+    stderr
+}
+
+/// Whether an external program (qemu-img, qemu-io) can be run.
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool).arg("--version").output().is_ok();
+    if !found {
+        eprintln!("skipping: {tool} is not installed");
+    }
+    found
+}
+
+/// Runs an external program, asserts success and returns stdout.
+fn run_tool(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().expect("run tool");
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img info --output=json` of an image, parsed.
+fn qemu_info(path: &str) -> Value {
+    let text = run_tool("qemu-img", &["info", "-f", "qcow2", "--output=json", path]);
+    serde_json::from_str(&text).expect("qemu-img JSON")
+}
+
+/// Deterministic non-trivial test data.
+fn test_data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Malformed command lines exit 1 with `cowdisk: ` and create nothing.
+#[test]
+fn bad_arguments_are_rejected() {
+    let dir = TempDir::new("badargs");
+    let img = dir.path("x.qcow2");
+    let err = fails(&["create", "-o", "cluster_size=64k,frobnicate=1", &img, "1G"]);
+    assert!(err.contains("frobnicate"), "{err}");
+    let err = fails(&["create", &img, "12Q"]);
+    assert!(err.contains("12Q"), "{err}");
+    fails(&["create", &img]);
+    fails(&["create", "-o", "compat=2", &img, "1M"]);
+    fails(&["create", "-o", "lazy_refcounts=maybe", &img, "1M"]);
+    let err = fails(&["create", "-b", &dir.path("missing-base.qcow2"), &img]);
+    assert!(err.contains("missing-base.qcow2"), "{err}");
+    fails(&["create", "-f", "vmdk", &img, "1M"]);
+    fails(&["write", "-P", "256", &img, "0", "1"]);
+    fails(&["write", "-P", "1", "--from", &img, &img, "0"]);
+    fails(&["write", &img, "0"]);
+    fails(&["read", &img, "0"]);
+    fails(&["read", &img, "zero", "1"]);
+    fails(&["info", "--output=yaml", &img]);
+    fails(&["frobnicate"]);
+    assert!(
+        !Path::new(&img).exists(),
+        "nothing may be created on bad input"
+    );
+    let help = ok(&["create", "-o", "help"]);
+    assert!(help.contains("cluster_size"), "{help}");
+    let version = ok(&["--version"]);
+    assert!(version.starts_with("cowdisk "), "{version}");
+}
+
+/// `create -o ...` produces what `qemu-img info` reports, and `qemu-img check` is clean.
+#[test]
+fn create_options_agree_with_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = TempDir::new("create");
+    let v3 = dir.path("v3.qcow2");
+    let out = ok(&[
+        "create",
+        "-o",
+        "cluster_size=4k,refcount_bits=8,lazy_refcounts=on,compression_type=zstd",
+        &v3,
+        "16M",
+    ]);
+    assert!(
+        out.starts_with(&format!("Formatting '{v3}', fmt=qcow2 cluster_size=4096 ")),
+        "{out}"
+    );
+    assert!(out.contains(" size=16777216"), "{out}");
+    assert!(out.contains(" refcount_bits=8"), "{out}");
+    let q = qemu_info(&v3);
+    assert_eq!(q["virtual-size"], 16 << 20);
+    assert_eq!(q["cluster-size"], 4096);
+    let data = &q["format-specific"]["data"];
+    assert_eq!(data["compat"], "1.1");
+    assert_eq!(data["refcount-bits"], 8);
+    assert_eq!(data["lazy-refcounts"], true);
+    assert_eq!(data["compression-type"], "zstd");
+    assert_eq!(data["corrupt"], false);
+
+    let v2 = dir.path("v2.qcow2");
+    let out = ok(&[
+        "create",
+        "-o",
+        "compat=0.10",
+        "-o",
+        "cluster_size=512",
+        &v2,
+        "1.5M",
+    ]);
+    assert!(out.contains(" compat=0.10"), "{out}");
+    let q = qemu_info(&v2);
+    assert_eq!(q["virtual-size"], 1536 * 1024);
+    assert_eq!(q["cluster-size"], 512);
+    assert_eq!(q["format-specific"]["data"]["compat"], "0.10");
+    assert_eq!(q["format-specific"]["data"]["refcount-bits"], 16);
+
+    let v3b = dir.path("v3-bytes.qcow2");
+    let out = ok(&[
+        "create",
+        "-o",
+        "compat=v3,refcount_bits=64",
+        &v3b,
+        "1000000",
+    ]);
+    assert!(
+        out.contains(" size=1000448 "),
+        "rounded up to 512 like qemu-img: {out}"
+    );
+    let q = qemu_info(&v3b);
+    assert_eq!(q["virtual-size"], 1_000_448);
+    assert_eq!(q["format-specific"]["data"]["refcount-bits"], 64);
+    assert_eq!(q["cluster-size"], 65536);
+    for path in [&v3, &v2, &v3b] {
+        let check = run_tool("qemu-img", &["check", "-f", "qcow2", path]);
+        assert!(check.contains("No errors were found"), "{check}");
+    }
+}
+
+/// `read -P` accepts what `write -P` wrote and names the first mismatching offset.
+#[test]
+fn write_then_read_pattern_verifies() {
+    let dir = TempDir::new("pattern");
+    let img = dir.path("p.qcow2");
+    ok(&["create", &img, "4M"]);
+    let out = ok(&["write", "-P", "0xab", &img, "65636", "10000"]);
+    assert_eq!(out.trim(), "wrote 10000 bytes at offset 65636");
+    let out = ok(&["read", "-P", "0xab", &img, "65636", "10000"]);
+    assert_eq!(out.trim(), "read 10000 bytes at offset 65636");
+    ok(&["read", "-P", "171", &img, "65636", "10000"]);
+    ok(&["read", "-P", "0", &img, "0", "65636"]);
+    ok(&["read", "-P", "0", &img, "75636", "1M"]);
+
+    let err = fails(&["read", "-P", "0xcd", &img, "65636", "10000"]);
+    assert!(err.contains("offset 65636"), "{err}");
+    let err = fails(&["read", "-P", "0xab", &img, "65600", "100"]);
+    assert!(err.contains("offset 65600"), "{err}");
+    let err = fails(&["read", "-P", "0", &img, "64k", "64k"]);
+    assert!(err.contains("offset 65636"), "{err}");
+
+    // Default pattern 0xcd, a write crossing clusters, and a write up to the end.
+    ok(&["write", "--flush", &img, "1M", "200k"]);
+    ok(&["read", "-P", "0xcd", &img, "1M", "200k"]);
+    ok(&["write", "-P", "0x11", &img, "4190208", "4k"]);
+    ok(&["read", "-P", "0x11", &img, "4190208", "4096"]);
+
+    // Out of range requests fail cleanly.
+    let err = fails(&["write", &img, "4M", "1"]);
+    assert!(err.contains("beyond the end"), "{err}");
+    fails(&["read", &img, "4190209", "4096"]);
+    fails(&["read", &img, "18446744073709551615", "2"]);
+}
+
+/// `qemu-img check` and `qemu-io read -P` accept images written by cowdisk.
+#[test]
+fn qemu_agrees_with_our_writes() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("qemu-agrees");
+    let img = dir.path("w.qcow2");
+    ok(&["create", "-o", "cluster_size=4k", &img, "8M"]);
+    ok(&["write", "-P", "0xab", &img, "6000", "20000"]);
+    ok(&["write", "-P", "0x5c", "--flush", &img, "7M", "1M"]);
+    ok(&["write", "-P", "0xab", &img, "2M", "1"]);
+    let check = run_tool("qemu-img", &["check", "-f", "qcow2", &img]);
+    assert!(check.contains("No errors were found"), "{check}");
+    for cmd in [
+        "read -P 0xab 6000 20000",
+        "read -P 0 0 6000",
+        "read -P 0 26000 2071152",
+        "read -P 0xab 2M 1",
+        "read -P 0x5c 7M 1M",
+    ] {
+        let out = run_tool("qemu-io", &["-r", "-f", "qcow2", "-c", cmd, &img]);
+        assert!(!out.contains("Pattern verification failed"), "{cmd}: {out}");
+    }
+    // Sanity: qemu-io does detect a wrong pattern.
+    let bad = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "-c", "read -P 0xcd 6000 20000", &img])
+        .output()
+        .expect("run qemu-io");
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("Pattern verification failed"));
+}
+
+/// cowdisk reads data that qemu-io wrote.
+#[test]
+fn we_read_what_qemu_wrote() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("qemu-wrote");
+    let img = dir.path("q.qcow2");
+    run_tool("qemu-img", &["create", "-f", "qcow2", &img, "64M"]);
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "write -P 0x33 40000 100",
+            &img,
+        ],
+    );
+    ok(&["read", "-P", "0x5a", &img, "1M", "64k"]);
+    ok(&["read", "-P", "0x33", &img, "40000", "100"]);
+    ok(&["read", "-P", "0", &img, "0", "40000"]);
+    ok(&["read", "-P", "0", &img, "40100", "1008476"]);
+    let info: Value = serde_json::from_str(&ok(&["info", "--output=json", &img])).unwrap();
+    assert_eq!(info["virtual-size"], 64 << 20);
+}
+
+/// `write --from` and `read --to` move file contents exactly.
+#[test]
+fn from_and_to_files_round_trip() {
+    let dir = TempDir::new("files");
+    let img = dir.path("f.qcow2");
+    let src = dir.path("src.bin");
+    let dst = dir.path("dst.bin");
+    let data = test_data(3 * 65536 + 1234);
+    std::fs::write(&src, &data).unwrap();
+    ok(&["create", &img, "10M"]);
+    let out = ok(&["write", "--from", &src, &img, "12345"]);
+    assert_eq!(
+        out.trim(),
+        format!("wrote {} bytes at offset 12345", data.len())
+    );
+    let out = ok(&["write", "--from", &src, &img, "5M", "1000"]);
+    assert_eq!(out.trim(), "wrote 1000 bytes at offset 5242880");
+    fails(&["write", "--from", &src, &img, "0", "1M"]);
+
+    let len = data.len().to_string();
+    ok(&["read", "--to", &dst, &img, "12345", &len]);
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    ok(&["read", "--to", &dst, &img, "5M", "1000"]);
+    assert_eq!(std::fs::read(&dst).unwrap(), &data[..1000]);
+
+    let out = cowdisk(&["read", "--to", "-", &img, "12345", "100"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, &data[..100]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read 100 bytes at offset 12345"));
+
+    if have("qemu-img") {
+        let raw = dir.path("f.raw");
+        run_tool(
+            "qemu-img",
+            &["convert", "-f", "qcow2", "-O", "raw", &img, &raw],
+        );
+        let raw = std::fs::read(&raw).unwrap();
+        assert_eq!(raw.len(), 10 << 20);
+        assert_eq!(&raw[12345..12345 + data.len()], &data[..]);
+        assert_eq!(&raw[5 << 20..(5 << 20) + 1000], &data[..1000]);
+        assert!(raw[..12345].iter().all(|&b| b == 0));
+    }
+}
+
+/// Without -P or --to, read prints a qemu-io style hexdump, limited on request.
+#[test]
+fn read_prints_a_hexdump() {
+    let dir = TempDir::new("hexdump");
+    let img = dir.path("h.qcow2");
+    ok(&["create", &img, "1M"]);
+    ok(&["write", "-P", "0x41", &img, "16", "20"]);
+    let out = ok(&["read", &img, "0", "40"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(
+        lines[0],
+        "00000000:  00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00  ................"
+    );
+    assert_eq!(
+        lines[1],
+        "00000010:  41 41 41 41 41 41 41 41 41 41 41 41 41 41 41 41  AAAAAAAAAAAAAAAA"
+    );
+    assert!(
+        lines[2].starts_with("00000020:  41 41 41 41 00 00 00 00 "),
+        "{out}"
+    );
+    assert_eq!(lines[3], "read 40 bytes at offset 0");
+
+    let out = ok(&["read", "--dump-limit", "32", &img, "0", "64k"]);
+    assert_eq!(
+        out.lines().filter(|l| l.contains(":  ")).count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("read 65536 bytes at offset 0"), "{out}");
+}
+
+/// Missing and non-qcow2 files fail with exit 1 and are left alone.
+#[test]
+fn errors_for_missing_and_non_qcow2_files() {
+    let dir = TempDir::new("errors");
+    let missing = dir.path("missing.qcow2");
+    let err = fails(&["info", &missing]);
+    assert!(err.contains("missing.qcow2"), "{err}");
+    fails(&["read", &missing, "0", "1"]);
+    fails(&["write", &missing, "0", "1"]);
+    assert!(!Path::new(&missing).exists());
+
+    let text = dir.path("text.txt");
+    std::fs::write(&text, "this is not a qcow2 image\n".repeat(100)).unwrap();
+    fails(&["info", &text]);
+    fails(&["info", "--output=json", &text]);
+    fails(&["read", &text, "0", "1"]);
+    fails(&["write", &text, "0", "1"]);
+    assert_eq!(
+        std::fs::read_to_string(&text).unwrap(),
+        "this is not a qcow2 image\n".repeat(100),
+        "a failed write must not touch a non-qcow2 file"
+    );
+
+    let empty = dir.path("empty");
+    std::fs::write(&empty, b"").unwrap();
+    fails(&["info", &empty]);
+    fails(&["info", dir.0.to_str().unwrap()]);
+}
+
+/// `info` (JSON and text) matches qemu-img and lists the backing chain.
+#[test]
+fn info_json_matches_qemu_and_reports_the_chain() {
+    let dir = TempDir::new("info");
+    let base = dir.path("base.qcow2");
+    let top = dir.path("top.qcow2");
+    ok(&[
+        "create",
+        "-o",
+        "cluster_size=32k,lazy_refcounts=on",
+        &base,
+        "2M",
+    ]);
+    ok(&["write", "-P", "0x77", &base, "0", "100k"]);
+    let out = ok(&["create", "-b", "base.qcow2", "-F", "qcow2", &top]);
+    assert!(out.contains(" size=2097152 "), "{out}");
+    assert!(
+        out.contains(" backing_file=base.qcow2 backing_fmt=qcow2"),
+        "{out}"
+    );
+    ok(&["write", "-P", "0x88", &top, "50k", "10k"]);
+    ok(&["read", "-P", "0x77", &top, "0", "50k"]);
+    ok(&["read", "-P", "0x88", &top, "50k", "10k"]);
+    ok(&["read", "-P", "0x77", &top, "60k", "40k"]);
+    ok(&["read", "-P", "0", &top, "100k", "1948k"]);
+    ok(&["read", "-P", "0x77", &base, "50k", "10k"]);
+
+    let info: Value = serde_json::from_str(&ok(&["info", "--output=json", &top])).unwrap();
+    assert_eq!(info["filename"], top.as_str());
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 2 << 20);
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["dirty-flag"], false);
+    assert!(info["actual-size"].as_u64().unwrap() > 0);
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    let chain = info["backing-chain"]
+        .as_array()
+        .expect("backing-chain array");
+    assert_eq!(chain.len(), 1);
+    assert!(chain[0]["filename"]
+        .as_str()
+        .unwrap()
+        .ends_with("base.qcow2"));
+    assert_eq!(chain[0]["format"], "qcow2");
+    assert_eq!(chain[0]["virtual-size"], 2 << 20);
+    let data = &info["format-specific"]["data"];
+    assert_eq!(info["format-specific"]["type"], "qcow2");
+    assert_eq!(data["compat"], "1.1");
+    assert_eq!(data["refcount-bits"], 16);
+    assert_eq!(data["lazy-refcounts"], false);
+    assert_eq!(data["corrupt"], false);
+    assert_eq!(data["compression-type"], "zlib");
+
+    let base_info: Value = serde_json::from_str(&ok(&["info", "--output=json", &base])).unwrap();
+    assert_eq!(base_info["cluster-size"], 32768);
+    assert_eq!(base_info["format-specific"]["data"]["lazy-refcounts"], true);
+    assert_eq!(base_info["backing-chain"], Value::Array(vec![]));
+    assert!(base_info.get("backing-filename").is_none());
+
+    let full: Value =
+        serde_json::from_str(&ok(&["info", "--output=json", "--backing-chain", &top])).unwrap();
+    let full = full.as_array().expect("--backing-chain gives an array");
+    assert_eq!(full.len(), 2);
+    assert_eq!(full[0]["filename"], top.as_str());
+    assert_eq!(full[1]["cluster-size"], 32768);
+
+    let human = ok(&["info", &top]);
+    for expected in [
+        format!("image: {top}\n"),
+        "file format: qcow2\n".to_string(),
+        "virtual size: 2 MiB (2097152 bytes)\n".to_string(),
+        "cluster_size: 65536\n".to_string(),
+        "backing file: base.qcow2".to_string(),
+        "backing file format: qcow2\n".to_string(),
+        "Format specific information:\n".to_string(),
+        "    compat: 1.1\n".to_string(),
+        "    compression type: zlib\n".to_string(),
+        "    lazy refcounts: false\n".to_string(),
+        "    refcount bits: 16\n".to_string(),
+        "    corrupt: false\n".to_string(),
+    ] {
+        assert!(
+            human.contains(&expected),
+            "missing {expected:?} in:\n{human}"
+        );
+    }
+    let human_chain = ok(&["info", "--backing-chain", &top]);
+    assert_eq!(human_chain.matches("image: ").count(), 2, "{human_chain}");
+
+    if have("qemu-img") {
+        for path in [&base, &top] {
+            let ours: Value = serde_json::from_str(&ok(&["info", "--output=json", path])).unwrap();
+            let q = qemu_info(path);
+            for key in [
+                "virtual-size",
+                "cluster-size",
+                "format",
+                "dirty-flag",
+                "backing-filename",
+                "backing-filename-format",
+            ] {
+                assert_eq!(ours.get(key), q.get(key), "{key} of {path}");
+            }
+            for key in [
+                "compat",
+                "refcount-bits",
+                "lazy-refcounts",
+                "corrupt",
+                "compression-type",
+            ] {
+                assert_eq!(
+                    ours["format-specific"]["data"][key], q["format-specific"]["data"][key],
+                    "format-specific {key} of {path}"
+                );
+            }
+            let check = run_tool("qemu-img", &["check", "-f", "qcow2", path]);
+            assert!(check.contains("No errors were found"), "{check}");
+        }
+        run_tool(
+            "qemu-io",
+            &["-r", "-f", "qcow2", "-c", "read -P 0x88 50k 10k", &top],
+        );
+    }
+}
