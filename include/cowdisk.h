@@ -32,6 +32,11 @@
 #define COWDISK_OPEN_NO_BACKING 4
 
 /*
+ Punch freed clusters out of the image file (QEMU's `discard=unmap`).
+ */
+#define COWDISK_OPEN_DISCARD_UNMAP 8
+
+/*
  Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
@@ -55,6 +60,177 @@
  `cowdisk_info.flags`: the image is marked corrupt.
  */
 #define COWDISK_INFO_CORRUPT 8
+
+/*
+ `cowdisk_write_zeroes` flag: whole clusters may release their host clusters.
+ */
+#define COWDISK_ZEROES_MAY_UNMAP 1
+
+/*
+ `cowdisk_resize_ex` flag: shrink even when data is allocated past the new end
+ (that data is discarded).
+ */
+#define COWDISK_RESIZE_FORCE 1
+
+/*
+ `cowdisk_extent.flags`: the bytes are stored as data.
+ */
+#define COWDISK_EXTENT_DATA 1
+
+/*
+ `cowdisk_extent.flags`: the bytes read as zeros.
+ */
+#define COWDISK_EXTENT_ZERO 2
+
+/*
+ `cowdisk_extent.flags`: some layer of the chain allocates the bytes.
+ */
+#define COWDISK_EXTENT_PRESENT 4
+
+/*
+ `cowdisk_extent.flags`: the bytes are in a compressed cluster.
+ */
+#define COWDISK_EXTENT_COMPRESSED 8
+
+/*
+ `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
+ */
+#define COWDISK_EXTENT_OFFSET_VALID 16
+
+/*
+ Host offset bits of L1 and standard L2 entries (bits 9..55).
+ */
+#define OFFSET_MASK 72057594037927424
+
+/*
+ Bit 63: the referenced cluster has refcount exactly 1 (active tables only).
+ */
+#define COPIED (1 << 63)
+
+/*
+ L2 bit 62: the cluster is compressed.
+ */
+#define COMPRESSED (1 << 62)
+
+/*
+ L2 bit 0: the cluster reads as zeros (v3).
+ */
+#define ZERO 1
+
+/*
+ Bits of an L1 entry that must be zero.
+ */
+#define L1_RESERVED 9151314442816848383
+
+/*
+ Bits of a standard L2 entry that must be zero.
+ */
+#define L2_RESERVED 4539628424389460478
+
+/*
+ `QFI\xfb`.
+ */
+#define QCOW2_MAGIC 1363560955
+
+/*
+ Smallest supported cluster_bits (512 B).
+ */
+#define MIN_CLUSTER_BITS 9
+
+/*
+ Largest supported cluster_bits (2 MiB).
+ */
+#define MAX_CLUSTER_BITS 21
+
+/*
+ Size of the fixed v2 header.
+ */
+#define V2_HEADER_LEN 72
+
+/*
+ Size of the v3 header QEMU writes (with the compression type byte and padding).
+ */
+#define V3_HEADER_LEN 112
+
+/*
+ Longest backing file name QEMU accepts.
+ */
+#define MAX_BACKING_NAME 1023
+
+/*
+ Largest L1 table QEMU accepts, in bytes.
+ */
+#define MAX_L1_BYTES ((32 * 1024) * 1024)
+
+/*
+ Largest refcount table QEMU accepts, in bytes.
+ */
+#define MAX_REFTABLE_BYTES ((8 * 1024) * 1024)
+
+/*
+ Most internal snapshots an image may have.
+ */
+#define MAX_SNAPSHOTS 65536
+
+/*
+ Incompatible feature bit 0: the image was not closed cleanly (lazy refcounts).
+ */
+#define INCOMPAT_DIRTY (1 << 0)
+
+/*
+ Incompatible feature bit 1: the image is known to be corrupt.
+ */
+#define INCOMPAT_CORRUPT (1 << 1)
+
+/*
+ Incompatible feature bit 2: guest data lives in an external data file.
+ */
+#define INCOMPAT_DATA_FILE (1 << 2)
+
+/*
+ Incompatible feature bit 3: the compression type field is not zlib.
+ */
+#define INCOMPAT_COMPRESSION (1 << 3)
+
+/*
+ Incompatible feature bit 4: extended L2 entries (subclusters).
+ */
+#define INCOMPAT_EXTL2 (1 << 4)
+
+/*
+ Compatible feature bit 0: lazy refcounts.
+ */
+#define COMPAT_LAZY_REFCOUNTS (1 << 0)
+
+/*
+ Header extension: end of the extension area.
+ */
+#define EXT_END 0
+
+/*
+ Header extension: backing file format name.
+ */
+#define EXT_BACKING_FORMAT 3799591626
+
+/*
+ Header extension: feature name table.
+ */
+#define EXT_FEATURE_TABLE 1745090647
+
+/*
+ Header extension: full-disk encryption header pointer.
+ */
+#define EXT_CRYPTO 87539319
+
+/*
+ Header extension: external data file name.
+ */
+#define EXT_DATA_FILE 1145132097
+
+/*
+ Alignment used for O_DIRECT memory, offsets and lengths (safe for 512e and 4Kn disks).
+ */
+#define DIRECT_ALIGN 4096
 
 /*
  An open qcow2 image. Opaque; created by [`cowdisk_open`], freed by [`cowdisk_close`].
@@ -182,6 +358,32 @@ typedef struct cowdisk_info {
   char backing_format[32];
 } cowdisk_info;
 
+/*
+ One run of guest bytes with the same status, filled by [`cowdisk_block_status`].
+ */
+typedef struct cowdisk_extent {
+  /*
+   Guest offset of the first byte.
+   */
+  uint64_t start;
+  /*
+   Length in bytes.
+   */
+  uint64_t length;
+  /*
+   Host offset in the file of layer `depth` (valid with `COWDISK_EXTENT_OFFSET_VALID`).
+   */
+  uint64_t offset;
+  /*
+   `COWDISK_EXTENT_*` flags.
+   */
+  uint32_t flags;
+  /*
+   Layer of the backing chain that decides the bytes (0 = this image).
+   */
+  uint32_t depth;
+} cowdisk_extent;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -270,6 +472,81 @@ int cowdisk_flush(struct cowdisk *img);
  `img` must be a live handle; `out` a valid pointer whose `struct_size` is set.
  */
 int cowdisk_get_info(struct cowdisk *img, struct cowdisk_info *out);
+
+/*
+ Makes guest `[offset, offset+len)` read as zeros in this image, whatever its
+ backing chain holds now or later.
+
+ Whole clusters become zero clusters (v3); with `COWDISK_ZEROES_MAY_UNMAP` their host
+ clusters are released. Unaligned heads and tails allocate nothing when the rest of
+ their cluster already reads as zero; otherwise zeros are written as data. On v2
+ images without a backing file, clusters are deallocated instead.
+
+ Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
+
+ # Safety
+ `img` must be a live handle.
+ */
+int cowdisk_write_zeroes(struct cowdisk *img, uint64_t offset, uint64_t len, uint32_t flags);
+
+/*
+ Releases the whole clusters of guest `[offset, offset+len)`; partial clusters at
+ the edges are left unchanged.
+
+ Afterwards the released clusters read as zeros (on a v2 image with a backing file:
+ as the backing file). Freed host clusters are reused by later writes, and punched
+ out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
+
+ Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
+
+ # Safety
+ `img` must be a live handle.
+ */
+int cowdisk_discard(struct cowdisk *img, uint64_t offset, uint64_t len);
+
+/*
+ Changes the virtual size to `new_size` (a multiple of 512).
+
+ Growing always works and the new bytes read as zeros. Shrinking fails with
+ `-EINVAL` when data is allocated past the new end (see [`cowdisk_resize_ex`] to
+ force it) and with `-ENOTSUP` when the image has internal snapshots. Thread-safe.
+
+ # Safety
+ `img` must be a live handle.
+ */
+int cowdisk_resize(struct cowdisk *img, uint64_t new_size);
+
+/*
+ Like [`cowdisk_resize`], with `COWDISK_RESIZE_FORCE` to shrink over allocated data
+ (which is discarded). Thread-safe.
+
+ # Safety
+ `img` must be a live handle.
+ */
+int cowdisk_resize_ex(struct cowdisk *img, uint64_t new_size, uint32_t flags);
+
+/*
+ Describes guest `[offset, offset+len)` (clamped to the virtual size) as extents of
+ equal status through the whole backing chain, like `qemu-img map`.
+
+ Writes at most `max_extents` extents to `extents` and their number to `*count`.
+ The extents start at `offset` and are contiguous; when they end before
+ `offset + len`, call again from the end of the last one. `*count` is 0 only when
+ `offset` is the virtual size.
+
+ Errors: `-EINVAL` for NULL pointers, `max_extents == 0` or `offset` past the end.
+ Thread-safe.
+
+ # Safety
+ `img` must be a live handle; `extents` valid for `max_extents` elements; `count`
+ a valid pointer.
+ */
+int cowdisk_block_status(struct cowdisk *img,
+                         uint64_t offset,
+                         uint64_t len,
+                         struct cowdisk_extent *extents,
+                         size_t max_extents,
+                         size_t *count);
 
 /*
  Returns the message of the last failed cowdisk call on this thread ("" if none).

@@ -33,6 +33,9 @@ pub const COWDISK_OPEN_DIRECT: u32 = 2;
 /// clusters then fail with `-ENOTSUP` instead of reaching an unopened backing file.
 pub const COWDISK_OPEN_NO_BACKING: u32 = 4;
 
+/// Punch freed clusters out of the image file (QEMU's `discard=unmap`).
+pub const COWDISK_OPEN_DISCARD_UNMAP: u32 = 8;
+
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;
 
@@ -215,5 +218,177 @@ pub unsafe extern "C" fn cowdisk_flush(img: *mut cowdisk) -> c_int {
 pub unsafe extern "C" fn cowdisk_get_info(img: *mut cowdisk, out: *mut cowdisk_info) -> c_int {
     guard_handle("cowdisk_get_info", img, |h| {
         options::write_info(&h.image.info(), out)
+    })
+}
+
+/// `cowdisk_write_zeroes` flag: whole clusters may release their host clusters.
+pub const COWDISK_ZEROES_MAY_UNMAP: u32 = 1;
+
+/// `cowdisk_resize_ex` flag: shrink even when data is allocated past the new end
+/// (that data is discarded).
+pub const COWDISK_RESIZE_FORCE: u32 = 1;
+
+/// `cowdisk_extent.flags`: the bytes are stored as data.
+pub const COWDISK_EXTENT_DATA: u32 = 1;
+/// `cowdisk_extent.flags`: the bytes read as zeros.
+pub const COWDISK_EXTENT_ZERO: u32 = 2;
+/// `cowdisk_extent.flags`: some layer of the chain allocates the bytes.
+pub const COWDISK_EXTENT_PRESENT: u32 = 4;
+/// `cowdisk_extent.flags`: the bytes are in a compressed cluster.
+pub const COWDISK_EXTENT_COMPRESSED: u32 = 8;
+/// `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
+pub const COWDISK_EXTENT_OFFSET_VALID: u32 = 16;
+
+/// One run of guest bytes with the same status, filled by [`cowdisk_block_status`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct cowdisk_extent {
+    /// Guest offset of the first byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Host offset in the file of layer `depth` (valid with `COWDISK_EXTENT_OFFSET_VALID`).
+    pub offset: u64,
+    /// `COWDISK_EXTENT_*` flags.
+    pub flags: u32,
+    /// Layer of the backing chain that decides the bytes (0 = this image).
+    pub depth: u32,
+}
+
+/// Makes guest `[offset, offset+len)` read as zeros in this image, whatever its
+/// backing chain holds now or later.
+///
+/// Whole clusters become zero clusters (v3); with `COWDISK_ZEROES_MAY_UNMAP` their host
+/// clusters are released. Unaligned heads and tails allocate nothing when the rest of
+/// their cluster already reads as zero; otherwise zeros are written as data. On v2
+/// images without a backing file, clusters are deallocated instead.
+///
+/// Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_write_zeroes(
+    img: *mut cowdisk,
+    offset: u64,
+    len: u64,
+    flags: u32,
+) -> c_int {
+    guard_handle("cowdisk_write_zeroes", img, |h| {
+        if flags & !COWDISK_ZEROES_MAY_UNMAP != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unknown write_zeroes flags {:#x}",
+                flags & !COWDISK_ZEROES_MAY_UNMAP
+            )));
+        }
+        h.image
+            .write_zeroes(offset, len, flags & COWDISK_ZEROES_MAY_UNMAP != 0)
+    })
+}
+
+/// Releases the whole clusters of guest `[offset, offset+len)`; partial clusters at
+/// the edges are left unchanged.
+///
+/// Afterwards the released clusters read as zeros (on a v2 image with a backing file:
+/// as the backing file). Freed host clusters are reused by later writes, and punched
+/// out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
+///
+/// Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_discard(img: *mut cowdisk, offset: u64, len: u64) -> c_int {
+    guard_handle("cowdisk_discard", img, |h| h.image.discard(offset, len))
+}
+
+/// Changes the virtual size to `new_size` (a multiple of 512).
+///
+/// Growing always works and the new bytes read as zeros. Shrinking fails with
+/// `-EINVAL` when data is allocated past the new end (see [`cowdisk_resize_ex`] to
+/// force it) and with `-ENOTSUP` when the image has internal snapshots. Thread-safe.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_resize(img: *mut cowdisk, new_size: u64) -> c_int {
+    guard_handle("cowdisk_resize", img, |h| h.image.resize(new_size, false))
+}
+
+/// Like [`cowdisk_resize`], with `COWDISK_RESIZE_FORCE` to shrink over allocated data
+/// (which is discarded). Thread-safe.
+///
+/// # Safety
+/// `img` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_resize_ex(img: *mut cowdisk, new_size: u64, flags: u32) -> c_int {
+    guard_handle("cowdisk_resize_ex", img, |h| {
+        if flags & !COWDISK_RESIZE_FORCE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "unknown resize flags {:#x}",
+                flags & !COWDISK_RESIZE_FORCE
+            )));
+        }
+        h.image.resize(new_size, flags & COWDISK_RESIZE_FORCE != 0)
+    })
+}
+
+/// Describes guest `[offset, offset+len)` (clamped to the virtual size) as extents of
+/// equal status through the whole backing chain, like `qemu-img map`.
+///
+/// Writes at most `max_extents` extents to `extents` and their number to `*count`.
+/// The extents start at `offset` and are contiguous; when they end before
+/// `offset + len`, call again from the end of the last one. `*count` is 0 only when
+/// `offset` is the virtual size.
+///
+/// Errors: `-EINVAL` for NULL pointers, `max_extents == 0` or `offset` past the end.
+/// Thread-safe.
+///
+/// # Safety
+/// `img` must be a live handle; `extents` valid for `max_extents` elements; `count`
+/// a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_block_status(
+    img: *mut cowdisk,
+    offset: u64,
+    len: u64,
+    extents: *mut cowdisk_extent,
+    max_extents: usize,
+    count: *mut usize,
+) -> c_int {
+    guard_handle("cowdisk_block_status", img, |h| {
+        if extents.is_null() || count.is_null() || max_extents == 0 {
+            return Err(Error::InvalidArgument(
+                "extents and count must be non-NULL and max_extents > 0".into(),
+            ));
+        }
+        let found = h.image.block_status(offset, len, max_extents)?;
+        for (i, e) in found.iter().enumerate() {
+            let mut flags = 0;
+            if e.data {
+                flags |= COWDISK_EXTENT_DATA;
+            }
+            if e.zero {
+                flags |= COWDISK_EXTENT_ZERO;
+            }
+            if e.present {
+                flags |= COWDISK_EXTENT_PRESENT;
+            }
+            if e.compressed {
+                flags |= COWDISK_EXTENT_COMPRESSED;
+            }
+            if e.offset.is_some() {
+                flags |= COWDISK_EXTENT_OFFSET_VALID;
+            }
+            *extents.add(i) = cowdisk_extent {
+                start: e.start,
+                length: e.length,
+                offset: e.offset.unwrap_or(0),
+                flags,
+                depth: e.depth,
+            };
+        }
+        *count = found.len();
+        Ok(())
     })
 }

@@ -8,7 +8,7 @@ use crate::image::{CompressionType, CreateOptions, ImageInfo, OpenOptions};
 use super::{
     COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY,
     COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_DIRECT,
-    COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_READONLY,
+    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_READONLY,
 };
 
 /// Options for [`super::cowdisk_create`]. Zero fields mean "default".
@@ -166,7 +166,10 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     let Some(c) = read_versioned(opts, "cowdisk_open_opts")? else {
         return Ok(out);
     };
-    let known = COWDISK_OPEN_READONLY | COWDISK_OPEN_DIRECT | COWDISK_OPEN_NO_BACKING;
+    let known = COWDISK_OPEN_READONLY
+        | COWDISK_OPEN_DIRECT
+        | COWDISK_OPEN_NO_BACKING
+        | COWDISK_OPEN_DISCARD_UNMAP;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -176,6 +179,7 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.read_only = c.flags & COWDISK_OPEN_READONLY != 0;
     out.direct = c.flags & COWDISK_OPEN_DIRECT != 0;
     out.follow_backing = c.flags & COWDISK_OPEN_NO_BACKING == 0;
+    out.discard_unmap = c.flags & COWDISK_OPEN_DISCARD_UNMAP != 0;
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;

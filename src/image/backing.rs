@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::status::{push_extent, Extent};
 use super::{BackingInfo, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::header::QCOW2_MAGIC;
@@ -140,6 +141,49 @@ impl Backing {
         match self {
             Backing::Qcow2(img) => img.range_reads_zero(offset, len),
             Backing::Raw { .. } => Ok(false),
+        }
+    }
+
+    /// Appends the status of `[offset, offset+len)` (within this backing image's size)
+    /// at chain depth `depth`.
+    pub(crate) fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<Extent>,
+        limit: usize,
+    ) -> Result<()> {
+        match self {
+            Backing::Qcow2(img) => img.lock()?.block_status(offset, len, depth, out, limit),
+            Backing::Raw {
+                storage, filename, ..
+            } => {
+                let end = offset + len;
+                let mut pos = offset;
+                while pos < end && out.len() <= limit {
+                    let (data, run_end) = storage
+                        .extent_at(pos)
+                        .map_err(|e| Error::io(format!("mapping backing file '{filename}'"), e))?
+                        .unwrap_or((true, end));
+                    let n = run_end.clamp(pos + 1, end) - pos;
+                    push_extent(
+                        out,
+                        Extent {
+                            start: pos,
+                            length: n,
+                            depth,
+                            present: true,
+                            zero: !data,
+                            data,
+                            compressed: false,
+                            offset: Some(pos),
+                        },
+                    );
+                    pos += n;
+                }
+                Ok(())
+            }
         }
     }
 

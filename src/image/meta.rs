@@ -43,6 +43,8 @@ pub(crate) struct Meta {
     /// The image names a backing file that the open options told us not to open.
     pub backing_refused: bool,
     pub read_only: bool,
+    /// Punch freed host clusters out of the file.
+    pub discard_unmap: bool,
     /// Highest byte in use on the host: max(file length at open, end of every allocation).
     pub host_end: u64,
     /// Set when a failed update may have left the in-memory metadata in doubt.

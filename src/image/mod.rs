@@ -13,9 +13,13 @@ mod open;
 mod options;
 mod read;
 mod refcount;
+mod resize;
+mod status;
 mod write;
+mod zero;
 
 pub use options::*;
+pub use status::Extent;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -97,8 +101,12 @@ impl Image {
     }
 
     fn check_range(meta: &Meta, len: usize, offset: u64, what: &str) -> Result<()> {
+        Image::check_range64(meta, len as u64, offset, what)
+    }
+
+    fn check_range64(meta: &Meta, len: u64, offset: u64, what: &str) -> Result<()> {
         let size = meta.header.size;
-        match offset.checked_add(len as u64) {
+        match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(Error::InvalidArgument(format!(
                 "{what} of {len} bytes at offset {offset} exceeds the virtual size {size}"
@@ -118,16 +126,70 @@ impl Image {
     /// On failure the old data stays readable; a failure that may have left metadata
     /// half-updated makes the handle refuse further writes.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.modify("a write", |meta| {
+            Image::check_range(meta, buf.len(), offset, "write")?;
+            meta.write(buf, offset)
+        })
+    }
+
+    /// Runs a metadata-changing operation, marking the handle broken if it fails in a
+    /// way that may have left the metadata half-updated.
+    fn modify(&self, what: &str, f: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
         let mut meta = self.lock()?;
         meta.check_writable()?;
-        Image::check_range(&meta, buf.len(), offset, "write")?;
-        let result = meta.write(buf, offset);
+        let result = f(&mut meta);
         if let Err(e) = &result {
             if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
-                meta.broken = Some(format!("a write failed: {e}"));
+                meta.broken = Some(format!("{what} failed: {e}"));
             }
         }
         result
+    }
+
+    /// Makes guest `[offset, offset+len)` read as zeros, in this layer, whatever the
+    /// backing chain holds now or later. Whole clusters become zero clusters (v3);
+    /// with `may_unmap` their host clusters are released too. Unaligned heads and tails
+    /// allocate nothing when the rest of their cluster already reads as zero.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.modify("write_zeroes", |meta| {
+            Image::check_range64(meta, len, offset, "write_zeroes")?;
+            meta.write_zeroes(offset, len, may_unmap)
+        })
+    }
+
+    /// Releases the whole clusters of guest `[offset, offset+len)`. They read as zeros
+    /// afterwards (v2 images with a backing file: as the backing file); partial
+    /// clusters at the edges are left as they are.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.modify("discard", |meta| {
+            Image::check_range64(meta, len, offset, "discard")?;
+            meta.discard(offset, len)
+        })
+    }
+
+    /// Changes the virtual size. Growing always works (bytes past the old end read as
+    /// zeros); shrinking fails when data is allocated past the new end unless `force`,
+    /// which discards it. Images with internal snapshots cannot shrink.
+    pub fn resize(&self, new_size: u64, force: bool) -> Result<()> {
+        self.modify("resize", |meta| meta.resize(new_size, force))
+    }
+
+    /// The status of guest `[offset, offset+len)` (clamped to the virtual size) as
+    /// merged extents, through the whole backing chain. At most `limit` extents are
+    /// returned; they always start at `offset` and are contiguous.
+    pub fn block_status(&self, offset: u64, len: u64, limit: usize) -> Result<Vec<Extent>> {
+        let mut meta = self.lock()?;
+        let size = meta.header.size;
+        if offset > size {
+            return Err(Error::InvalidArgument(format!(
+                "block status at offset {offset} is past the virtual size {size}"
+            )));
+        }
+        let len = len.min(size - offset);
+        let mut out = Vec::new();
+        meta.block_status(offset, len, 0, &mut out, limit.max(1))?;
+        out.truncate(limit.max(1));
+        Ok(out)
     }
 
     /// Makes everything written so far durable.

@@ -127,6 +127,7 @@ pub(crate) fn open_meta(
         backing,
         backing_refused,
         read_only: opts.read_only,
+        discard_unmap: opts.discard_unmap,
         host_end: file_size,
         broken: None,
         header,

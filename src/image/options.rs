@@ -75,6 +75,9 @@ pub struct OpenOptions {
     pub l2_cache_size: u64,
     /// How many backing files deep a chain may go before open fails.
     pub max_backing_depth: u32,
+    /// Punch host clusters out of the image file when they are freed (QEMU's
+    /// `discard=unmap`), so discarded space goes back to the host file system.
+    pub discard_unmap: bool,
 }
 
 impl Default for OpenOptions {
@@ -85,6 +88,7 @@ impl Default for OpenOptions {
             follow_backing: true,
             l2_cache_size: 0,
             max_backing_depth: 32,
+            discard_unmap: false,
         }
     }
 }

@@ -120,6 +120,12 @@ impl Meta {
             self.set_refcount(cluster, new)?;
             if new == 0 {
                 self.rc.free_hint = self.rc.free_hint.min(cluster);
+                if self.discard_unmap {
+                    let at = cluster << self.cluster_bits;
+                    self.storage
+                        .punch_hole(at, self.cluster_size)
+                        .map_err(Meta::io_err(format!("punching freed cluster at {at:#x}")))?;
+                }
             }
         }
         Ok(())
@@ -298,6 +304,14 @@ impl Meta {
     pub(crate) fn alloc_clusters(&mut self, count: u64) -> Result<u64> {
         loop {
             let start = self.find_free_run(count)?;
+            if !self.rc.pending_frees.is_empty()
+                && (start + count) << self.cluster_bits > self.host_end
+            {
+                // The file would grow while freed clusters wait for a metadata flush:
+                // flush now so they can be reused.
+                self.flush_metadata()?;
+                continue;
+            }
             let mut created = false;
             for index in self.block_index(start)..=self.block_index(start + count - 1) {
                 if self.block_offset(index)?.is_none() {

@@ -152,4 +152,13 @@ impl Storage for FaultStorage {
         self.check_write()?;
         self.inner.set_len(len)
     }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_write()?;
+        self.inner.punch_hole(offset, len)
+    }
+
+    fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        self.inner.extent_at(offset)
+    }
 }

@@ -258,6 +258,55 @@ impl Storage for FileStorage {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on an owned descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The file system cannot punch holes: the space just stays allocated.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
+    }
+
+    fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(Some((false, u64::MAX)));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on an owned descriptor; the file position is not used elsewhere
+        // (all I/O is positional).
+        let seek = |whence| unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        let data = seek(libc::SEEK_DATA);
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(Some((false, len))), // a hole up to the end
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        if data as u64 > offset {
+            return Ok(Some((false, data as u64)));
+        }
+        let hole = seek(libc::SEEK_HOLE);
+        if hole < 0 {
+            return Ok(None);
+        }
+        Ok(Some((true, hole as u64)))
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,14 @@ impl Storage for MemStorage {
         Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
     }
 
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let start = (offset as usize).min(data.len());
+        let end = ((offset + len) as usize).min(data.len());
+        data[start..end].fill(0);
+        Ok(())
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.data
             .write()

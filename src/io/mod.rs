@@ -28,6 +28,18 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates `[offset, offset+len)` so it reads as zeros and frees host space,
+    /// keeping the length. Storage that cannot punch holes may do nothing.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Where `offset` lies in a run of data (`true`) or a hole (`false`), and where that
+    /// run ends; `None` when the storage cannot tell (treat as data).
+    fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
+        let _ = offset;
+        Ok(None)
+    }
     /// True when the storage holds no bytes.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)

@@ -1,0 +1,139 @@
+//! Block status: which parts of a guest range are data, zeros or unallocated, in
+//! which layer of the backing chain, at which host offset — with the same meaning and
+//! merging rules as `qemu-img map --output=json`.
+
+use super::meta::Meta;
+use crate::error::Result;
+use crate::format::entry::Mapping;
+
+/// One run of guest bytes with the same status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset of the first byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Layer of the chain that decides these bytes (0 = this image). For bytes no layer
+    /// has, the deepest layer whose size covers them.
+    pub depth: u32,
+    /// Some layer allocates these bytes (as data or as a zero cluster).
+    pub present: bool,
+    /// The bytes read as zeros.
+    pub zero: bool,
+    /// The bytes are stored as data.
+    pub data: bool,
+    /// The bytes are in a compressed cluster.
+    pub compressed: bool,
+    /// Host offset of the first byte in the file of layer `depth`, when it has one.
+    pub offset: Option<u64>,
+}
+
+impl Extent {
+    /// True when `next` continues this extent with the same status (qemu-img's rule).
+    pub fn mergeable(&self, next: &Extent) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// Appends `e` to `out`, merging it into the last extent when possible.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.mergeable(&e) {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+impl Meta {
+    /// Appends the status of guest `[offset, offset+len)` (within this layer's size) at
+    /// chain depth `depth`, stopping early once `out` holds more than `limit` extents.
+    pub(crate) fn block_status(
+        &mut self,
+        offset: u64,
+        len: u64,
+        depth: u32,
+        out: &mut Vec<Extent>,
+        limit: usize,
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end && out.len() <= limit {
+            let within = pos & (cs - 1);
+            let n = (cs - within).min(end - pos);
+            let base = Extent {
+                start: pos,
+                length: n,
+                depth,
+                present: true,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            };
+            match self.mapping(pos)? {
+                Mapping::Normal { host, .. } => push_extent(
+                    out,
+                    Extent {
+                        data: true,
+                        offset: Some(host + within),
+                        ..base
+                    },
+                ),
+                Mapping::Zero { host, .. } => push_extent(
+                    out,
+                    Extent {
+                        zero: true,
+                        offset: host.map(|h| h + within),
+                        ..base
+                    },
+                ),
+                Mapping::Compressed { .. } => push_extent(
+                    out,
+                    Extent {
+                        data: true,
+                        compressed: true,
+                        ..base
+                    },
+                ),
+                Mapping::Unallocated => {
+                    let covered = match &self.backing {
+                        Some(b) => b.size().saturating_sub(pos).min(n),
+                        None => 0,
+                    };
+                    if covered > 0 {
+                        let b = self.backing.as_ref().expect("backing present");
+                        b.block_status(pos, covered, depth + 1, out, limit)?;
+                    }
+                    push_extent(
+                        out,
+                        Extent {
+                            start: pos + covered,
+                            length: n - covered,
+                            present: false,
+                            zero: true,
+                            ..base
+                        },
+                    );
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+}
