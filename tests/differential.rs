@@ -1,7 +1,8 @@
 //! Randomised differential test: random writes (1 byte to several clusters, at random
-//! offsets), reads, flushes and reopens applied both to an image and to an in-memory
-//! model; every read must match, and at the end `qemu-img check` must be clean and
-//! `qemu-img compare` must find the image identical to the model written as raw.
+//! offsets), write_zeroes (aligned and not, with and without unmap), discards, resizes,
+//! reads, flushes and reopens applied both to an image and to an in-memory model; every
+//! read must match, and at the end `qemu-img check` must be clean and `qemu-img compare`
+//! must find the image identical to the model written as raw.
 
 mod common;
 
@@ -25,11 +26,26 @@ fn write_raw(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
 
+/// A random range: a few whole aligned clusters, or any offset and length.
+fn random_range(rng: &mut Rng, size: u64, cs: u64) -> (u64, u64) {
+    if rng.below(2) == 0 {
+        let clusters = size.div_ceil(cs);
+        let first = rng.below(clusters);
+        let n = 1 + rng.below(4.min(clusters - first));
+        let off = first * cs;
+        (off, (n * cs).min(size - off))
+    } else {
+        let len = (1 + rng.below(3 * cs)).min(size);
+        (rng.below(size - len + 1), len)
+    }
+}
+
 fn run_config(cfg: &Config, seed: u64) {
     let s = Scratch::new(cfg.name);
     let img_path = s.path("image.qcow2");
     let mut rng = Rng::new(seed ^ cfg.cluster_size as u64 ^ ((cfg.refcount_bits as u64) << 32));
     let mut model = vec![0u8; cfg.size as usize];
+    let mut base = Vec::new();
 
     let mut create = CreateOptions {
         version: cfg.version,
@@ -41,7 +57,7 @@ fn run_config(cfg: &Config, seed: u64) {
         // A backing file with data in random places (and a shorter size, so the tail of
         // the image reads zeros past the backing file's end).
         let base_size = cfg.size * 3 / 4 / 512 * 512;
-        let mut base = vec![0u8; base_size as usize];
+        base = vec![0u8; base_size as usize];
         for _ in 0..16 {
             let off = rng.below(base_size) as usize;
             let len = (rng.below(4 * cfg.cluster_size as u64) as usize).min(base.len() - off);
@@ -80,9 +96,10 @@ fn run_config(cfg: &Config, seed: u64) {
     };
     let mut img = Image::open(&img_path, &open_opts).unwrap();
     let cs = cfg.cluster_size as u64;
+    let mut size = cfg.size;
     for step in 0..cfg.ops {
         match rng.below(100) {
-            0..=59 => {
+            0..=49 => {
                 // Mostly small writes, some spanning several clusters; aligned sometimes.
                 let len = match rng.below(40) {
                     0 => 1 + rng.below(256 * 1024), // large: grows the refcount table
@@ -91,11 +108,11 @@ fn run_config(cfg: &Config, seed: u64) {
                     20..=29 => 1 + rng.below(4 * cs),
                     _ => cs * (1 + rng.below(3)),
                 }
-                .min(cfg.size);
-                let mut off = rng.below(cfg.size - len + 1);
+                .min(size);
+                let mut off = rng.below(size - len + 1);
                 if rng.below(3) == 0 {
                     off = off / cs * cs;
-                    off = off.min(cfg.size - len);
+                    off = off.min(size - len);
                 }
                 let mut data = vec![0u8; len as usize];
                 if rng.below(5) == 0 {
@@ -107,9 +124,48 @@ fn run_config(cfg: &Config, seed: u64) {
                     .unwrap_or_else(|e| panic!("step {step}: write {len}@{off}: {e}"));
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
-            60..=89 => {
-                let len = (1 + rng.below(3 * cs)).min(cfg.size);
-                let off = rng.below(cfg.size - len + 1);
+            50..=57 => {
+                // Zeroes: aligned whole clusters or arbitrary pieces, maybe unmapping.
+                let (off, len) = random_range(&mut rng, size, cs);
+                let unmap = rng.below(2) == 0;
+                img.write_zeroes(off, len, unmap)
+                    .unwrap_or_else(|e| panic!("step {step}: zeroes {len}@{off}: {e}"));
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            58..=62 => {
+                let (off, len) = random_range(&mut rng, size, cs);
+                img.discard(off, len)
+                    .unwrap_or_else(|e| panic!("step {step}: discard {len}@{off}: {e}"));
+                // Whole clusters are released: zeros, or on v2 over a backing file the
+                // backing file's bytes. Partial clusters keep their contents.
+                let mut c = off.next_multiple_of(cs);
+                while c < off + len {
+                    let end = (c + cs).min(size);
+                    if end > off + len {
+                        break;
+                    }
+                    for i in c..end {
+                        model[i as usize] = if cfg.version == 2 && cfg.backing != "none" {
+                            base.get(i as usize).copied().unwrap_or(0)
+                        } else {
+                            0
+                        };
+                    }
+                    c += cs;
+                }
+            }
+            63..=64 => {
+                // Resize within [size/2, 1.5 size], shrinking with force.
+                let new_size = (cfg.size / 2 + rng.below(cfg.size)) / 512 * 512;
+                img.resize(new_size, true)
+                    .unwrap_or_else(|e| panic!("step {step}: resize {size} -> {new_size}: {e}"));
+                model.resize(new_size as usize, 0);
+                size = new_size;
+                assert_eq!(img.size(), size);
+            }
+            65..=89 => {
+                let len = (1 + rng.below(3 * cs)).min(size);
+                let off = rng.below(size - len + 1);
                 let mut buf = vec![0u8; len as usize];
                 img.read_at(&mut buf, off)
                     .unwrap_or_else(|e| panic!("step {step}: read {len}@{off}: {e}"));
@@ -125,7 +181,7 @@ fn run_config(cfg: &Config, seed: u64) {
         }
     }
     // Full read-back through cowdisk, then let QEMU judge the file.
-    let mut all = vec![0u8; cfg.size as usize];
+    let mut all = vec![0u8; size as usize];
     img.read_at(&mut all, 0).unwrap();
     assert!(
         all == model,

@@ -73,6 +73,8 @@ impl Meta {
         let cs = self.cluster_size;
         let end = offset + len;
         let mut pos = offset;
+        // The last data-or-hole run the host file reported: (start, end, is data).
+        let mut hole_cache: Option<(u64, u64, bool)> = None;
         while pos < end && out.len() <= limit {
             let within = pos & (cs - 1);
             let n = (cs - within).min(end - pos);
@@ -87,14 +89,36 @@ impl Meta {
                 offset: None,
             };
             match self.mapping(pos)? {
-                Mapping::Normal { host, .. } => push_extent(
-                    out,
-                    Extent {
-                        data: true,
-                        offset: Some(host + within),
-                        ..base
-                    },
-                ),
+                Mapping::Normal { host, .. } => {
+                    // Like QEMU, ask the host file whether the data is in a hole (a
+                    // sparse or preallocated cluster): then it also reads as zero.
+                    let mut at = 0;
+                    while at < n {
+                        let h = host + within + at;
+                        let (is_data, run_end) = match hole_cache {
+                            Some((start, end, d)) if h >= start && h < end => (d, end),
+                            _ => {
+                                let found = self.storage.extent_at(h).unwrap_or(None);
+                                let (d, end) = found.unwrap_or((true, u64::MAX));
+                                hole_cache = Some((h, end, d));
+                                (d, end)
+                            }
+                        };
+                        let m = (run_end - h).min(n - at);
+                        push_extent(
+                            out,
+                            Extent {
+                                start: pos + at,
+                                length: m,
+                                data: true,
+                                zero: !is_data,
+                                offset: Some(h),
+                                ..base
+                            },
+                        );
+                        at += m;
+                    }
+                }
                 Mapping::Zero { host, .. } => push_extent(
                     out,
                     Extent {
