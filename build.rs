@@ -11,7 +11,9 @@ fn main() {
     let config = cbindgen::Config::from_file(format!("{crate_dir}/cbindgen.toml"))
         .expect("cbindgen.toml is readable");
     match cbindgen::Builder::new()
-        .with_crate(&crate_dir)
+        // Only the ffi module is the ABI: parsing the whole crate would export every
+        // internal `pub const` as a macro.
+        .with_src(format!("{crate_dir}/src/ffi/mod.rs"))
         .with_config(config)
         .generate()
     {

@@ -15,371 +15,247 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/*
- Open with no writes allowed (`cowdisk_open_opts.flags`).
+/**
+ * Open with no writes allowed (`cowdisk_open_opts.flags`).
  */
 #define COWDISK_OPEN_READONLY 1
 
-/*
- Open the image file with O_DIRECT, bypassing the host page cache.
+/**
+ * Open the image file with O_DIRECT, bypassing the host page cache.
  */
 #define COWDISK_OPEN_DIRECT 2
 
-/*
- Refuse to open backing files named inside the image; reads of unallocated
- clusters then fail with `-ENOTSUP` instead of reaching an unopened backing file.
+/**
+ * Refuse to open backing files named inside the image; reads of unallocated
+ * clusters then fail with `-ENOTSUP` instead of reaching an unopened backing file.
  */
 #define COWDISK_OPEN_NO_BACKING 4
 
-/*
- Punch freed clusters out of the image file (QEMU's `discard=unmap`).
+/**
+ * Punch freed clusters out of the image file (QEMU's `discard=unmap`).
  */
 #define COWDISK_OPEN_DISCARD_UNMAP 8
 
-/*
- Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
+/**
+ * Write each compressed cluster on its own instead of gathering them into whole host
+ * clusters in the compressed-write cache (`cowdisk_open_opts.compressed_cache_size`).
+ */
+#define COWDISK_OPEN_NO_COMPRESSED_CACHE 16
+
+/**
+ * Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
 
-/*
- `cowdisk_info.flags`: the handle is read-only.
+/**
+ * `cowdisk_info.flags`: the handle is read-only.
  */
 #define COWDISK_INFO_READONLY 1
 
-/*
- `cowdisk_info.flags`: the image has lazy refcounts enabled.
+/**
+ * `cowdisk_info.flags`: the image has lazy refcounts enabled.
  */
 #define COWDISK_INFO_LAZY_REFCOUNTS 2
 
-/*
- `cowdisk_info.flags`: the image's dirty bit is set.
+/**
+ * `cowdisk_info.flags`: the image's dirty bit is set.
  */
 #define COWDISK_INFO_DIRTY 4
 
-/*
- `cowdisk_info.flags`: the image is marked corrupt.
+/**
+ * `cowdisk_info.flags`: the image is marked corrupt.
  */
 #define COWDISK_INFO_CORRUPT 8
 
-/*
- `cowdisk_write_zeroes` flag: whole clusters may release their host clusters.
+/**
+ * `cowdisk_write_zeroes` flag: whole clusters may release their host clusters.
  */
 #define COWDISK_ZEROES_MAY_UNMAP 1
 
-/*
- `cowdisk_resize_ex` flag: shrink even when data is allocated past the new end
- (that data is discarded).
+/**
+ * `cowdisk_resize_ex` flag: shrink even when data is allocated past the new end
+ * (that data is discarded).
  */
 #define COWDISK_RESIZE_FORCE 1
 
-/*
- `cowdisk_extent.flags`: the bytes are stored as data.
+/**
+ * `cowdisk_extent.flags`: the bytes are stored as data.
  */
 #define COWDISK_EXTENT_DATA 1
 
-/*
- `cowdisk_extent.flags`: the bytes read as zeros.
+/**
+ * `cowdisk_extent.flags`: the bytes read as zeros.
  */
 #define COWDISK_EXTENT_ZERO 2
 
-/*
- `cowdisk_extent.flags`: some layer of the chain allocates the bytes.
+/**
+ * `cowdisk_extent.flags`: some layer of the chain allocates the bytes.
  */
 #define COWDISK_EXTENT_PRESENT 4
 
-/*
- `cowdisk_extent.flags`: the bytes are in a compressed cluster.
+/**
+ * `cowdisk_extent.flags`: the bytes are in a compressed cluster.
  */
 #define COWDISK_EXTENT_COMPRESSED 8
 
-/*
- `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
+/**
+ * `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
  */
 #define COWDISK_EXTENT_OFFSET_VALID 16
 
-/*
- Host offset bits of L1 and standard L2 entries (bits 9..55).
- */
-#define OFFSET_MASK 72057594037927424
-
-/*
- Bit 63: the referenced cluster has refcount exactly 1 (active tables only).
- */
-#define COPIED (1 << 63)
-
-/*
- L2 bit 62: the cluster is compressed.
- */
-#define COMPRESSED (1 << 62)
-
-/*
- L2 bit 0: the cluster reads as zeros (v3).
- */
-#define ZERO 1
-
-/*
- Bits of an L1 entry that must be zero.
- */
-#define L1_RESERVED 9151314442816848383
-
-/*
- Bits of a standard L2 entry that must be zero.
- */
-#define L2_RESERVED 4539628424389460478
-
-/*
- `QFI\xfb`.
- */
-#define QCOW2_MAGIC 1363560955
-
-/*
- Smallest supported cluster_bits (512 B).
- */
-#define MIN_CLUSTER_BITS 9
-
-/*
- Largest supported cluster_bits (2 MiB).
- */
-#define MAX_CLUSTER_BITS 21
-
-/*
- Size of the fixed v2 header.
- */
-#define V2_HEADER_LEN 72
-
-/*
- Size of the v3 header QEMU writes (with the compression type byte and padding).
- */
-#define V3_HEADER_LEN 112
-
-/*
- Longest backing file name QEMU accepts.
- */
-#define MAX_BACKING_NAME 1023
-
-/*
- Largest L1 table QEMU accepts, in bytes.
- */
-#define MAX_L1_BYTES ((32 * 1024) * 1024)
-
-/*
- Largest refcount table QEMU accepts, in bytes.
- */
-#define MAX_REFTABLE_BYTES ((8 * 1024) * 1024)
-
-/*
- Most internal snapshots an image may have.
- */
-#define MAX_SNAPSHOTS 65536
-
-/*
- Incompatible feature bit 0: the image was not closed cleanly (lazy refcounts).
- */
-#define INCOMPAT_DIRTY (1 << 0)
-
-/*
- Incompatible feature bit 1: the image is known to be corrupt.
- */
-#define INCOMPAT_CORRUPT (1 << 1)
-
-/*
- Incompatible feature bit 2: guest data lives in an external data file.
- */
-#define INCOMPAT_DATA_FILE (1 << 2)
-
-/*
- Incompatible feature bit 3: the compression type field is not zlib.
- */
-#define INCOMPAT_COMPRESSION (1 << 3)
-
-/*
- Incompatible feature bit 4: extended L2 entries (subclusters).
- */
-#define INCOMPAT_EXTL2 (1 << 4)
-
-/*
- Compatible feature bit 0: lazy refcounts.
- */
-#define COMPAT_LAZY_REFCOUNTS (1 << 0)
-
-/*
- Header extension: end of the extension area.
- */
-#define EXT_END 0
-
-/*
- Header extension: backing file format name.
- */
-#define EXT_BACKING_FORMAT 3799591626
-
-/*
- Header extension: feature name table.
- */
-#define EXT_FEATURE_TABLE 1745090647
-
-/*
- Header extension: full-disk encryption header pointer.
- */
-#define EXT_CRYPTO 87539319
-
-/*
- Header extension: external data file name.
- */
-#define EXT_DATA_FILE 1145132097
-
-/*
- Alignment used for O_DIRECT memory, offsets and lengths (safe for 512e and 4Kn disks).
- */
-#define DIRECT_ALIGN 4096
-
-/*
- An open qcow2 image. Opaque; created by [`cowdisk_open`], freed by [`cowdisk_close`].
-
- Thread-safety: every function taking a `cowdisk *` may be called from any number of
- threads at once on the same handle, except `cowdisk_close`, which must be the last call.
+/**
+ * An open qcow2 image. Opaque; created by `cowdisk_open()`, freed by `cowdisk_close()`.
+ *
+ * Thread-safety: every function taking a `cowdisk *` may be called from any number of
+ * threads at once on the same handle, except `cowdisk_close`, which must be the last call.
  */
 typedef struct cowdisk cowdisk;
 
-/*
- Options for [`super::cowdisk_create`]. Zero fields mean "default".
+/**
+ * Options for `cowdisk_create()`. Zero fields mean "default".
  */
 typedef struct cowdisk_create_opts {
-  /*
-   Set to `sizeof(cowdisk_create_opts)`.
+  /**
+   * Set to `sizeof(cowdisk_create_opts)`.
    */
   uint32_t struct_size;
-  /*
-   qcow2 version: 2 or 3 (0 = 3).
+  /**
+   * qcow2 version: 2 or 3 (0 = 3).
    */
   uint32_t version;
-  /*
-   Cluster size in bytes, a power of two from 512 to 2097152 (0 = 65536).
+  /**
+   * Cluster size in bytes, a power of two from 512 to 2097152 (0 = 65536).
    */
   uint32_t cluster_size;
-  /*
-   Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (0 = 16).
+  /**
+   * Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (0 = 16).
    */
   uint32_t refcount_bits;
-  /*
-   `COWDISK_CREATE_*` flags.
+  /**
+   * `COWDISK_CREATE_*` flags.
    */
   uint32_t flags;
-  /*
-   Compression type: 0 = zlib, 1 = zstd.
+  /**
+   * Compression type: 0 = zlib, 1 = zstd.
    */
   uint32_t compression_type;
-  /*
-   Backing file name stored in the image, or NULL. Borrowed for the call only.
+  /**
+   * Backing file name stored in the image, or NULL. Borrowed for the call only.
    */
   const char *backing_file;
-  /*
-   Backing format ("qcow2" or "raw"), or NULL to probe. Borrowed for the call only.
+  /**
+   * Backing format ("qcow2" or "raw"), or NULL to probe. Borrowed for the call only.
    */
   const char *backing_format;
 } cowdisk_create_opts;
 
-/*
- Options for [`super::cowdisk_open`]. Zero fields mean "default".
+/**
+ * Options for `cowdisk_open()`. Zero fields mean "default".
  */
 typedef struct cowdisk_open_opts {
-  /*
-   Set to `sizeof(cowdisk_open_opts)`.
+  /**
+   * Set to `sizeof(cowdisk_open_opts)`.
    */
   uint32_t struct_size;
-  /*
-   `COWDISK_OPEN_*` flags.
+  /**
+   * `COWDISK_OPEN_*` flags.
    */
   uint32_t flags;
-  /*
-   Bytes of L2 cache (0 = cover the whole disk, up to 32 MiB).
+  /**
+   * Bytes of L2 cache (0 = cover the whole disk, up to 32 MiB).
    */
   uint64_t l2_cache_size;
-  /*
-   Maximum backing chain depth (0 = 32).
+  /**
+   * Maximum backing chain depth (0 = 32).
    */
   uint32_t max_backing_depth;
-  /*
-   Reserved, set to 0.
+  /**
+   * Reserved, set to 0.
    */
   uint32_t reserved;
+  /**
+   * Bytes of memory for the compressed-write cache (0 = 4 MiB; see
+   * `COWDISK_OPEN_NO_COMPRESSED_CACHE` to turn it off).
+   */
+  uint64_t compressed_cache_size;
 } cowdisk_open_opts;
 
-/*
- Facts about an open image, filled by [`super::cowdisk_get_info`].
+/**
+ * Facts about an open image, filled by `cowdisk_get_info`.
  */
 typedef struct cowdisk_info {
-  /*
-   Set by the caller to `sizeof(cowdisk_info)`.
+  /**
+   * Set by the caller to `sizeof(cowdisk_info)`.
    */
   uint32_t struct_size;
-  /*
-   qcow2 version (2 or 3).
+  /**
+   * qcow2 version (2 or 3).
    */
   uint32_t version;
-  /*
-   Virtual size in bytes.
+  /**
+   * Virtual size in bytes.
    */
   uint64_t virtual_size;
-  /*
-   Cluster size in bytes.
+  /**
+   * Cluster size in bytes.
    */
   uint32_t cluster_size;
-  /*
-   Refcount width in bits.
+  /**
+   * Refcount width in bits.
    */
   uint32_t refcount_bits;
-  /*
-   `COWDISK_INFO_*` flags.
+  /**
+   * `COWDISK_INFO_*` flags.
    */
   uint32_t flags;
-  /*
-   Compression type: 0 = zlib, 1 = zstd.
+  /**
+   * Compression type: 0 = zlib, 1 = zstd.
    */
   uint32_t compression_type;
-  /*
-   Number of internal snapshots.
+  /**
+   * Number of internal snapshots.
    */
   uint32_t nb_snapshots;
-  /*
-   Number of opened backing images below this one.
+  /**
+   * Number of opened backing images below this one.
    */
   uint32_t backing_depth;
-  /*
-   Size of the image file on the host in bytes.
+  /**
+   * Size of the image file on the host in bytes.
    */
   uint64_t host_size;
-  /*
-   Backing file name as stored in the image, NUL-terminated ("" when none).
+  /**
+   * Backing file name as stored in the image, NUL-terminated ("" when none).
    */
   char backing_file[1024];
-  /*
-   Backing format as stored in the image, NUL-terminated ("" when none).
+  /**
+   * Backing format as stored in the image, NUL-terminated ("" when none).
    */
   char backing_format[32];
 } cowdisk_info;
 
-/*
- One run of guest bytes with the same status, filled by [`cowdisk_block_status`].
+/**
+ * One run of guest bytes with the same status, filled by `cowdisk_block_status()`.
  */
 typedef struct cowdisk_extent {
-  /*
-   Guest offset of the first byte.
+  /**
+   * Guest offset of the first byte.
    */
   uint64_t start;
-  /*
-   Length in bytes.
+  /**
+   * Length in bytes.
    */
   uint64_t length;
-  /*
-   Host offset in the file of layer `depth` (valid with `COWDISK_EXTENT_OFFSET_VALID`).
+  /**
+   * Host offset in the file of layer `depth` (valid with `COWDISK_EXTENT_OFFSET_VALID`).
    */
   uint64_t offset;
-  /*
-   `COWDISK_EXTENT_*` flags.
+  /**
+   * `COWDISK_EXTENT_*` flags.
    */
   uint32_t flags;
-  /*
-   Layer of the backing chain that decides the bytes (0 = this image).
+  /**
+   * Layer of the backing chain that decides the bytes (0 = this image).
    */
   uint32_t depth;
 } cowdisk_extent;
@@ -388,158 +264,158 @@ typedef struct cowdisk_extent {
 extern "C" {
 #endif // __cplusplus
 
-/*
- Creates a new qcow2 image of `size` bytes at `path` (which must not exist yet).
-
- `opts` may be NULL for QEMU's defaults: version 3, 64 KiB clusters, 16-bit refcounts,
- no backing file. When `opts->backing_file` is set and `size` is 0, the backing
- file's size is used.
-
- Errors: `-EEXIST` when the path exists, `-EINVAL` for bad options, host errors as
- their errno. Thread-safe (touches no shared state).
-
- # Safety
- `path` must be a valid NUL-terminated string; `opts` NULL or a valid pointer whose
- `struct_size` is set.
+/**
+ * Creates a new qcow2 image of `size` bytes at `path` (which must not exist yet).
+ *
+ * `opts` may be NULL for QEMU's defaults: version 3, 64 KiB clusters, 16-bit refcounts,
+ * no backing file. When `opts->backing_file` is set and `size` is 0, the backing
+ * file's size is used.
+ *
+ * Errors: `-EEXIST` when the path exists, `-EINVAL` for bad options, host errors as
+ * their errno. Thread-safe (touches no shared state).
+ *
+ * # Safety
+ * `path` must be a valid NUL-terminated string; `opts` NULL or a valid pointer whose
+ * `struct_size` is set.
  */
 int cowdisk_create(const char *path, uint64_t size, const struct cowdisk_create_opts *opts);
 
-/*
- Opens the qcow2 image at `path` and stores a new handle in `*out`.
-
- `opts` may be NULL: read-write, buffered I/O, backing files followed (as QEMU does).
- The handle is owned by the caller and must be released with [`cowdisk_close`].
-
- Errors: `-ENOENT` and other host errors, `-EINVAL` for a file that is not qcow2,
- `-ENOTSUP` for features cowdisk does not implement (named in the message), `-EIO` for
- corrupt metadata. On failure `*out` is untouched and nothing on disk changed.
-
- # Safety
- `path` must be a valid NUL-terminated string, `opts` NULL or valid, `out` a valid
- pointer.
+/**
+ * Opens the qcow2 image at `path` and stores a new handle in `*out`.
+ *
+ * `opts` may be NULL: read-write, buffered I/O, backing files followed (as QEMU does).
+ * The handle is owned by the caller and must be released with `cowdisk_close()`.
+ *
+ * Errors: `-ENOENT` and other host errors, `-EINVAL` for a file that is not qcow2,
+ * `-ENOTSUP` for features cowdisk does not implement (named in the message), `-EIO` for
+ * corrupt metadata. On failure `*out` is untouched and nothing on disk changed.
+ *
+ * # Safety
+ * `path` must be a valid NUL-terminated string, `opts` NULL or valid, `out` a valid
+ * pointer.
  */
 int cowdisk_open(const char *path, const struct cowdisk_open_opts *opts, struct cowdisk **out);
 
-/*
- Flushes the image, frees the handle and returns the flush status.
-
- The handle is freed even when the flush fails; it must not be used afterwards.
- NULL is `-EINVAL`. Not to be called while other threads still use the handle.
-
- # Safety
- `img` must be NULL or a handle from [`cowdisk_open`] not yet closed.
+/**
+ * Flushes the image, frees the handle and returns the flush status.
+ *
+ * The handle is freed even when the flush fails; it must not be used afterwards.
+ * NULL is `-EINVAL`. Not to be called while other threads still use the handle.
+ *
+ * # Safety
+ * `img` must be NULL or a handle from `cowdisk_open()` not yet closed.
  */
 int cowdisk_close(struct cowdisk *img);
 
-/*
- Reads `len` bytes at guest `offset` into `buf`.
-
- The range must lie within the virtual size (`-EINVAL` otherwise). Unallocated
- clusters read from the backing chain, or as zeros. Thread-safe.
-
- # Safety
- `img` must be a live handle; `buf` must be valid for `len` writable bytes.
+/**
+ * Reads `len` bytes at guest `offset` into `buf`.
+ *
+ * The range must lie within the virtual size (`-EINVAL` otherwise). Unallocated
+ * clusters read from the backing chain, or as zeros. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `buf` must be valid for `len` writable bytes.
  */
 int cowdisk_pread(struct cowdisk *img, void *buf, size_t len, uint64_t offset);
 
-/*
- Writes `len` bytes from `buf` at guest `offset`.
-
- The range must lie within the virtual size (`-EINVAL` otherwise); a read-only handle
- gives `-EROFS`. On failure the old contents of the range stay readable. The data is
- durable only after [`cowdisk_flush`] or [`cowdisk_close`]. Thread-safe.
-
- # Safety
- `img` must be a live handle; `buf` must be valid for `len` readable bytes.
+/**
+ * Writes `len` bytes from `buf` at guest `offset`.
+ *
+ * The range must lie within the virtual size (`-EINVAL` otherwise); a read-only handle
+ * gives `-EROFS`. On failure the old contents of the range stay readable. The data is
+ * durable only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `buf` must be valid for `len` readable bytes.
  */
 int cowdisk_pwrite(struct cowdisk *img, const void *buf, size_t len, uint64_t offset);
 
-/*
- Makes everything written so far durable on the host storage. Thread-safe.
-
- # Safety
- `img` must be a live handle.
+/**
+ * Makes everything written so far durable on the host storage. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
  */
 int cowdisk_flush(struct cowdisk *img);
 
-/*
- Fills `*out` with facts about the image: version, sizes, flags, backing file.
-
- The caller sets `out->struct_size = sizeof(cowdisk_info)`; only that many bytes are
- written. Strings are NUL-terminated and truncated to their arrays. Thread-safe.
-
- # Safety
- `img` must be a live handle; `out` a valid pointer whose `struct_size` is set.
+/**
+ * Fills `*out` with facts about the image: version, sizes, flags, backing file.
+ *
+ * The caller sets `out->struct_size = sizeof(cowdisk_info)`; only that many bytes are
+ * written. Strings are NUL-terminated and truncated to their arrays. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `out` a valid pointer whose `struct_size` is set.
  */
 int cowdisk_get_info(struct cowdisk *img, struct cowdisk_info *out);
 
-/*
- Makes guest `[offset, offset+len)` read as zeros in this image, whatever its
- backing chain holds now or later.
-
- Whole clusters become zero clusters (v3); with `COWDISK_ZEROES_MAY_UNMAP` their host
- clusters are released. Unaligned heads and tails allocate nothing when the rest of
- their cluster already reads as zero; otherwise zeros are written as data. On v2
- images without a backing file, clusters are deallocated instead.
-
- Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
-
- # Safety
- `img` must be a live handle.
+/**
+ * Makes guest `[offset, offset+len)` read as zeros in this image, whatever its
+ * backing chain holds now or later.
+ *
+ * Whole clusters become zero clusters (v3); with `COWDISK_ZEROES_MAY_UNMAP` their host
+ * clusters are released. Unaligned heads and tails allocate nothing when the rest of
+ * their cluster already reads as zero; otherwise zeros are written as data. On v2
+ * images without a backing file, clusters are deallocated instead.
+ *
+ * Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
  */
 int cowdisk_write_zeroes(struct cowdisk *img, uint64_t offset, uint64_t len, uint32_t flags);
 
-/*
- Releases the whole clusters of guest `[offset, offset+len)`; partial clusters at
- the edges are left unchanged.
-
- Afterwards the released clusters read as zeros (on a v2 image with a backing file:
- as the backing file). Freed host clusters are reused by later writes, and punched
- out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
-
- Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
-
- # Safety
- `img` must be a live handle.
+/**
+ * Releases the whole clusters of guest `[offset, offset+len)`; partial clusters at
+ * the edges are left unchanged.
+ *
+ * Afterwards the released clusters read as zeros (on a v2 image with a backing file:
+ * as the backing file). Freed host clusters are reused by later writes, and punched
+ * out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
+ *
+ * Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
  */
 int cowdisk_discard(struct cowdisk *img, uint64_t offset, uint64_t len);
 
-/*
- Changes the virtual size to `new_size` (a multiple of 512).
-
- Growing always works and the new bytes read as zeros. Shrinking fails with
- `-EINVAL` when data is allocated past the new end (see [`cowdisk_resize_ex`] to
- force it) and with `-ENOTSUP` when the image has internal snapshots. Thread-safe.
-
- # Safety
- `img` must be a live handle.
+/**
+ * Changes the virtual size to `new_size` (a multiple of 512).
+ *
+ * Growing always works and the new bytes read as zeros. Shrinking fails with
+ * `-EINVAL` when data is allocated past the new end (see `cowdisk_resize_ex()` to
+ * force it) and with `-ENOTSUP` when the image has internal snapshots. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
  */
 int cowdisk_resize(struct cowdisk *img, uint64_t new_size);
 
-/*
- Like [`cowdisk_resize`], with `COWDISK_RESIZE_FORCE` to shrink over allocated data
- (which is discarded). Thread-safe.
-
- # Safety
- `img` must be a live handle.
+/**
+ * Like `cowdisk_resize()`, with `COWDISK_RESIZE_FORCE` to shrink over allocated data
+ * (which is discarded). Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
  */
 int cowdisk_resize_ex(struct cowdisk *img, uint64_t new_size, uint32_t flags);
 
-/*
- Describes guest `[offset, offset+len)` (clamped to the virtual size) as extents of
- equal status through the whole backing chain, like `qemu-img map`.
-
- Writes at most `max_extents` extents to `extents` and their number to `*count`.
- The extents start at `offset` and are contiguous; when they end before
- `offset + len`, call again from the end of the last one. `*count` is 0 only when
- `offset` is the virtual size.
-
- Errors: `-EINVAL` for NULL pointers, `max_extents == 0` or `offset` past the end.
- Thread-safe.
-
- # Safety
- `img` must be a live handle; `extents` valid for `max_extents` elements; `count`
- a valid pointer.
+/**
+ * Describes guest `[offset, offset+len)` (clamped to the virtual size) as extents of
+ * equal status through the whole backing chain, like `qemu-img map`.
+ *
+ * Writes at most `max_extents` extents to `extents` and their number to `*count`.
+ * The extents start at `offset` and are contiguous; when they end before
+ * `offset + len`, call again from the end of the last one. `*count` is 0 only when
+ * `offset` is the virtual size.
+ *
+ * Errors: `-EINVAL` for NULL pointers, `max_extents == 0` or `offset` past the end.
+ * Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `extents` valid for `max_extents` elements; `count`
+ * a valid pointer.
  */
 int cowdisk_block_status(struct cowdisk *img,
                          uint64_t offset,
@@ -548,25 +424,50 @@ int cowdisk_block_status(struct cowdisk *img,
                          size_t max_extents,
                          size_t *count);
 
-/*
- Returns the message of the last failed cowdisk call on this thread ("" if none).
+/**
+ * Writes `len` bytes from `buf` at guest `offset` as compressed clusters, with the
+ * compression type chosen when the image was created (zlib or zstd).
+ *
+ * `offset` must be cluster-aligned and `len` a whole number of clusters; only the
+ * image's last cluster may be partial (it is compressed zero-padded). Every cluster
+ * written must be unallocated in this image (or a zero cluster without a host
+ * cluster), as QEMU requires: compressed writes fill fresh images and backups, they
+ * do not overwrite. A cluster that does not compress is stored as a normal cluster.
+ * The clusters of one call are compressed on as many threads as there are cores.
+ *
+ * Unless the image was opened with `COWDISK_OPEN_NO_COMPRESSED_CACHE`, compressed
+ * clusters are gathered in memory and written as whole, aligned host clusters (fast
+ * under `COWDISK_OPEN_DIRECT`); reads see them at once, and `cowdisk_flush()` or
+ * `cowdisk_close()` writes out the last, partly filled host cluster.
+ *
+ * Errors: `-EINVAL` for a misaligned range, a range past the end or a cluster that is
+ * already allocated (nothing is written then), `-EROFS` read-only, host errors as
+ * their errno. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `buf` must be valid for `len` readable bytes.
+ */
+int cowdisk_pwrite_compressed(struct cowdisk *img, const void *buf, size_t len, uint64_t offset);
 
- Ownership: the string belongs to the library and stays valid until the next cowdisk
- call on the same thread; copy it to keep it. Thread-safe (one message per thread).
+/**
+ * Returns the message of the last failed cowdisk call on this thread ("" if none).
+ *
+ * Ownership: the string belongs to the library and stays valid until the next cowdisk
+ * call on the same thread; copy it to keep it. Thread-safe (one message per thread).
  */
 const char *cowdisk_last_error(void);
 
-/*
- Returns a static description of an errno value; accepts `-EINVAL` or `EINVAL`.
-
- Ownership: the string is static and must not be freed. Thread-safe.
+/**
+ * Returns a static description of an errno value; accepts `-EINVAL` or `EINVAL`.
+ *
+ * Ownership: the string is static and must not be freed. Thread-safe.
  */
 const char *cowdisk_strerror(int code);
 
-/*
- Returns the library's version string, for example "0.1.0".
-
- Ownership: static, must not be freed. Thread-safe.
+/**
+ * Returns the library's version string, for example "0.1.0".
+ *
+ * Ownership: static, must not be freed. Thread-safe.
  */
 const char *cowdisk_version(void);
 

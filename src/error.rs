@@ -40,6 +40,9 @@ pub enum Error {
     /// An earlier failure left the in-memory metadata in doubt; the handle refuses writes.
     #[error("image handle is broken by an earlier failure: {0}")]
     Broken(String),
+    /// A named thing (an internal snapshot) does not exist.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// Shorthand for results carrying [`Error`].
@@ -66,6 +69,7 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::ChainTooDeep(_) => libc::ELOOP,
             Error::Broken(_) => libc::EIO,
+            Error::NotFound(_) => libc::ENOENT,
         }
     }
 }

@@ -4,8 +4,10 @@
 //! - [`format`]: pure on-disk codecs (header, L1/L2 entries, refcount blocks); no I/O.
 //! - [`io`]: host storage (`Storage` trait: file with O_DIRECT, memory, fault injection).
 //! - [`image`]: the engine: open/create, the read/write path, allocation, caches, COW.
+//! - [`bench`]: services built on the engine's public API (the CLI calls them).
 //! - [`ffi`]: the C ABI over the engine; the CLI and bindings sit on top.
 
+pub mod bench;
 pub mod error;
 pub mod ffi;
 pub mod format;
@@ -13,4 +15,6 @@ pub mod image;
 pub mod io;
 
 pub use error::{Error, Result};
-pub use image::{CompressionType, CreateOptions, Image, ImageInfo, OpenOptions};
+pub use image::{
+    CompressionType, CreateOptions, Image, ImageInfo, OpenOptions, SnapshotInfo, SnapshotOptions,
+};

@@ -529,3 +529,404 @@ fn info_json_matches_qemu_and_reports_the_chain() {
         );
     }
 }
+
+/// Asserts `qemu-img check` finds no errors in an image.
+fn assert_qemu_check_clean(path: &str) {
+    let check = run_tool("qemu-img", &["check", "-f", "qcow2", path]);
+    assert!(check.contains("No errors were found"), "{path}: {check}");
+}
+
+/// Runs qemu-io read commands on an image and asserts every pattern verifies.
+fn assert_qemu_reads(path: &str, cmds: &[&str]) {
+    for cmd in cmds {
+        let out = run_tool("qemu-io", &["-r", "-f", "qcow2", "-c", cmd, path]);
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "{path}: {cmd}: {out}"
+        );
+    }
+}
+
+/// Asserts `cowdisk map` prints exactly what `qemu-img map` prints, as JSON and as a
+/// table (`human` false when the image has compressed clusters, which qemu-img's
+/// table refuses).
+fn assert_map_like_qemu(path: &str, human: bool) {
+    let ours = ok(&["map", "--output=json", path]);
+    let theirs = run_tool("qemu-img", &["map", "-f", "qcow2", "--output=json", path]);
+    let ours_value: Value = serde_json::from_str(&ours).expect("our map is JSON");
+    let theirs_value: Value = serde_json::from_str(&theirs).expect("qemu-img map is JSON");
+    assert_eq!(ours_value, theirs_value, "map of {path} parses differently");
+    assert_eq!(ours, theirs, "map of {path} is not byte-identical");
+    if human {
+        let ours = ok(&["map", path]);
+        let theirs = run_tool("qemu-img", &["map", "-f", "qcow2", path]);
+        assert_eq!(ours, theirs, "human map of {path}");
+    }
+}
+
+/// `zero` and `discard` change what reads back, as qemu-io sees it too.
+#[test]
+fn zero_and_discard_read_back_as_zeros() {
+    let dir = TempDir::new("zero");
+    let img = dir.path("z.qcow2");
+    ok(&["create", &img, "4M"]);
+    ok(&["write", "-P", "0x5a", &img, "0", "1M"]);
+    let out = ok(&["zero", &img, "64k", "128k"]);
+    assert_eq!(out.trim(), "zeroed 131072 bytes at offset 65536");
+    ok(&["read", "-P", "0", &img, "64k", "128k"]);
+    ok(&["read", "-P", "0x5a", &img, "0", "64k"]);
+    ok(&["read", "-P", "0x5a", &img, "192k", "64k"]);
+    // Unaligned, crossing cluster boundaries, with unmap.
+    ok(&["zero", "-u", &img, "300000", "100000"]);
+    ok(&["read", "-P", "0", &img, "300000", "100000"]);
+    ok(&["read", "-P", "0x5a", &img, "256k", "37856"]);
+    ok(&["read", "-P", "0x5a", &img, "400000", "648576"]);
+    ok(&["zero", "--unmap", &img, "1", "1"]);
+    ok(&["read", "-P", "0", &img, "1", "1"]);
+    ok(&["read", "-P", "0x5a", &img, "0", "1"]);
+    ok(&["read", "-P", "0x5a", &img, "2", "65534"]);
+    // Discard releases whole clusters only.
+    let out = ok(&["discard", &img, "512k", "200k"]);
+    assert_eq!(out.trim(), "discarded 204800 bytes at offset 524288");
+    ok(&["read", "-P", "0", &img, "512k", "192k"]);
+    ok(&["read", "-P", "0x5a", &img, "704k", "8k"]);
+    ok(&["discard", "--unmap", &img, "768k", "256k"]);
+    ok(&["read", "-P", "0", &img, "768k", "256k"]);
+    ok(&["read", "-P", "0x5a", &img, "712k", "56k"]);
+    // Out of range requests fail cleanly.
+    let err = fails(&["zero", &img, "4M", "1"]);
+    assert!(err.contains("beyond the end"), "{err}");
+    fails(&["discard", &img, "3M", "2M"]);
+    fails(&["zero", &img, "0", "x"]);
+    if have("qemu-img") && have("qemu-io") {
+        assert_qemu_check_clean(&img);
+        assert_qemu_reads(
+            &img,
+            &[
+                "read -P 0x5a 0 1",
+                "read -P 0 1 1",
+                "read -P 0x5a 2 65534",
+                "read -P 0 64k 128k",
+                "read -P 0x5a 192k 64k",
+                "read -P 0x5a 256k 37856",
+                "read -P 0 300000 100000",
+                "read -P 0x5a 400000 124288",
+                "read -P 0 512k 192k",
+                "read -P 0x5a 704k 64k",
+                "read -P 0 768k 3328k",
+            ],
+        );
+        assert_map_like_qemu(&img, true);
+    }
+}
+
+/// `map` matches qemu-img on an image cowdisk wrote, zeroed and discarded in.
+#[test]
+fn map_matches_qemu_img_on_our_image() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = TempDir::new("map-ours");
+    let img = dir.path("ours.qcow2");
+    ok(&["create", &img, "16M"]);
+    ok(&["write", "-P", "1", &img, "10000", "300000"]);
+    ok(&["zero", &img, "1M", "320k"]);
+    ok(&["write", "-P", "2", &img, "2M", "192k"]);
+    ok(&["zero", "-u", &img, "2M", "64k"]);
+    ok(&["discard", &img, "0", "64k"]);
+    ok(&["zero", &img, "12M", "100"]);
+    ok(&["write", "-P", "3", &img, "15M", "1M"]);
+    ok(&["discard", &img, "15M", "128k"]);
+    assert_map_like_qemu(&img, true);
+    assert_qemu_check_clean(&img);
+
+    // A v2 image (zeroing deallocates there) with small clusters.
+    let v2 = dir.path("v2.qcow2");
+    ok(&["create", "-o", "compat=0.10,cluster_size=4k", &v2, "1M"]);
+    ok(&["write", "-P", "4", &v2, "0", "100k"]);
+    ok(&["zero", &v2, "8k", "16k"]);
+    ok(&["discard", &v2, "40k", "8k"]);
+    assert_map_like_qemu(&v2, true);
+    assert_qemu_check_clean(&v2);
+
+    // The map of a part of the image, and of an empty image.
+    let part = ok(&[
+        "map",
+        "--output=json",
+        "--start-offset",
+        "1M",
+        "--max-length",
+        "1M",
+        &img,
+    ]);
+    let theirs = run_tool(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "--start-offset=1M",
+            "--max-length=1M",
+            &img,
+        ],
+    );
+    assert_eq!(part, theirs);
+    let empty = dir.path("empty.qcow2");
+    ok(&["create", &empty, "0"]);
+    assert_map_like_qemu(&empty, true);
+}
+
+/// `map` matches qemu-img on an image qemu-io wrote with zeroes, discards,
+/// compressed data and plain data.
+#[test]
+fn map_matches_qemu_img_on_a_qemu_io_image() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("map-qemu");
+    let img = dir.path("q.qcow2");
+    run_tool("qemu-img", &["create", "-f", "qcow2", &img, "16M"]);
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -z 2M 128k",
+            "-c",
+            "write -z -u 512k 64k",
+            "-c",
+            "discard 128k 64k",
+            "-c",
+            "write -P 5 3M 256k",
+            "-c",
+            "write -z 3M 64k",
+            "-c",
+            "write -P 3 15M 64k",
+            &img,
+        ],
+    );
+    assert_map_like_qemu(&img, true);
+
+    // Compressed clusters: JSON without an offset; the table refuses, like qemu-img.
+    run_tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -c -P 7 4M 64k", &img],
+    );
+    assert_map_like_qemu(&img, false);
+    let out = cowdisk(&["map", &img]);
+    let q = Command::new("qemu-img")
+        .args(["map", "-f", "qcow2", &img])
+        .output()
+        .expect("run qemu-img");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(q.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "cowdisk: File contains external, encrypted or compressed clusters.\n"
+    );
+    assert!(String::from_utf8_lossy(&q.stderr)
+        .contains("File contains external, encrypted or compressed clusters."));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&q.stdout),
+        "the table up to the compressed cluster"
+    );
+
+    // After our own zeroes and discards on top of qemu's.
+    ok(&["zero", &img, "4M", "64k"]);
+    ok(&["discard", &img, "15M", "64k"]);
+    ok(&["zero", "-u", &img, "0", "128k"]);
+    assert_map_like_qemu(&img, true);
+    assert_qemu_check_clean(&img);
+}
+
+/// Host-file holes inside data clusters (the unwritten tail of a partially written
+/// last cluster) are data, not zeros, unless the image looks preallocated: QEMU only
+/// asks the host file then (`qcow2_detect_metadata_preallocation`).
+#[test]
+fn map_matches_qemu_img_with_host_holes() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("map-holes");
+    // qemu-io writes 1000 bytes: the rest of the cluster is left unwritten.
+    let img = dir.path("p.qcow2");
+    run_tool("qemu-img", &["create", "-f", "qcow2", &img, "1M"]);
+    run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1000", &img]);
+    assert_map_like_qemu(&img, true);
+    // cowdisk leaves the tail of a partial last cluster unwritten too.
+    let ours = dir.path("ours.qcow2");
+    ok(&["create", &ours, "16M"]);
+    ok(&["write", "-P", "1", &ours, "10000", "300000"]);
+    ok(&["write", "-P", "3", &ours, "15M", "1M"]);
+    assert_map_like_qemu(&ours, true);
+}
+
+/// `map` matches qemu-img on a 3-deep chain top.qcow2 → mid.qcow2 → base.raw of
+/// different sizes, and names each layer's file in the table.
+#[test]
+fn map_matches_qemu_img_on_a_chain() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("map-chain");
+    let base = dir.path("base.raw");
+    let mid = dir.path("mid.qcow2");
+    let top = dir.path("top.qcow2");
+    run_tool("qemu-img", &["create", "-f", "raw", &base, "4M"]);
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -P 2 3M 64k",
+            &base,
+        ],
+    );
+    run_tool(
+        "qemu-img",
+        &[
+            "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &mid, "6M",
+        ],
+    );
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 512k 128k",
+            "-c",
+            "write -z 1M 64k",
+            "-c",
+            "write -P 4 5M 64k",
+            &mid,
+        ],
+    );
+    run_tool(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+            "8M",
+        ],
+    );
+    run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 5 0 64k",
+            "-c",
+            "discard 3M 64k",
+            "-c",
+            "write -z 5M 128k",
+            "-c",
+            "write -P 6 7M 128k",
+            &top,
+        ],
+    );
+    assert_map_like_qemu(&top, true);
+    assert_map_like_qemu(&mid, true);
+    let human = ok(&["map", &top]);
+    for file in [&top, &mid, &base] {
+        assert!(human.contains(file.as_str()), "{file} missing in:\n{human}");
+    }
+
+    // Our own changes on top.
+    ok(&["zero", &top, "64k", "64k"]);
+    ok(&["write", "-P", "7", &top, "3M", "64k"]);
+    ok(&["zero", "-u", &top, "0", "64k"]);
+    ok(&["discard", &top, "7M", "64k"]);
+    assert_map_like_qemu(&top, true);
+    assert_qemu_check_clean(&top);
+    assert_qemu_check_clean(&mid);
+    assert_qemu_reads(
+        &top,
+        &[
+            "read -P 0 0 128k",
+            "read -P 1 128k 384k",
+            "read -P 3 512k 128k",
+            "read -P 7 3M 64k",
+            "read -P 0 5M 128k",
+            "read -P 0 7M 64k",
+            "read -P 6 7232k 64k",
+        ],
+    );
+}
+
+/// `resize` grows and shrinks like `qemu-img resize`, refuses to lose data without
+/// `--force`, and qemu-img agrees on the result.
+#[test]
+fn resize_like_qemu_img() {
+    let dir = TempDir::new("resize");
+    let img = dir.path("r.qcow2");
+    ok(&["create", &img, "1M"]);
+    ok(&["write", "-P", "0x42", &img, "512k", "64k"]);
+    let size = |path: &str| -> u64 {
+        let info: Value = serde_json::from_str(&ok(&["info", "--output=json", path])).unwrap();
+        info["virtual-size"].as_u64().unwrap()
+    };
+
+    assert_eq!(ok(&["resize", &img, "2M"]).trim(), "Image resized.");
+    assert_eq!(size(&img), 2 << 20);
+    ok(&["read", "-P", "0", &img, "1M", "1M"]);
+    ok(&["resize", &img, "+512k"]);
+    assert_eq!(size(&img), 2560 << 10);
+
+    // Shrinking needs --shrink; relative sizes may start with '-'.
+    let err = fails(&["resize", &img, "-512k"]);
+    assert!(err.contains("--shrink"), "{err}");
+    let err = fails(&["resize", &img, "1M"]);
+    assert!(err.contains("--shrink"), "{err}");
+    assert_eq!(size(&img), 2560 << 10);
+    ok(&["resize", "--shrink", &img, "-512k"]);
+    assert_eq!(size(&img), 2 << 20);
+    ok(&["resize", "--shrink", &img, "--", "-1M"]);
+    assert_eq!(size(&img), 1 << 20);
+
+    // Data past the new end: refused (EINVAL) unless --force.
+    let err = fails(&["resize", "--shrink", &img, "256k"]);
+    assert!(err.contains("invalid argument"), "{err}");
+    assert_eq!(size(&img), 1 << 20);
+    ok(&["read", "-P", "0x42", &img, "512k", "64k"]);
+    ok(&["resize", "--force", &img, "256k"]);
+    assert_eq!(size(&img), 256 << 10);
+    ok(&["resize", &img, "1M"]);
+    ok(&["read", "-P", "0", &img, "0", "1M"]);
+
+    // Bad sizes.
+    fails(&["resize", "--shrink", &img, "1000"]);
+    fails(&["resize", &img, "-2M"]);
+    fails(&["resize", &img, "+x"]);
+    fails(&["resize", "-f", "raw", &img, "2M"]);
+    assert_eq!(size(&img), 1 << 20);
+
+    if have("qemu-img") {
+        assert_eq!(qemu_info(&img)["virtual-size"], 1 << 20);
+        assert_qemu_check_clean(&img);
+        // An image qemu made, resized by us, and one we made resized by qemu.
+        let q = dir.path("q.qcow2");
+        run_tool("qemu-img", &["create", "-f", "qcow2", &q, "3M"]);
+        ok(&["resize", &q, "+5M"]);
+        assert_eq!(qemu_info(&q)["virtual-size"], 8 << 20);
+        ok(&["resize", "--shrink", &q, "100k"]);
+        assert_eq!(qemu_info(&q)["virtual-size"], 100 << 10);
+        assert_qemu_check_clean(&q);
+        run_tool("qemu-img", &["resize", "-f", "qcow2", &img, "3M"]);
+        assert_eq!(size(&img), 3 << 20);
+        assert_map_like_qemu(&img, true);
+    }
+}

@@ -126,8 +126,29 @@ fn cow_regions_that_read_as_zero_are_not_read() {
     assert!(reads(&s.base_io.take_log()).is_empty());
     let top_log = s.top_io.take_log();
     assert!(reads(&top_log).is_empty(), "{top_log:?}");
-    assert_eq!(writes(&top_log), vec![(CS, 3)]);
+    // The new cluster lies past the end of the file, which reads as zeros already:
+    // only the guest data is written.
+    assert_eq!(writes(&top_log), vec![(1000, 1)]);
     expect_cluster(&s.top, 9, 3000, &data, None);
+}
+
+#[test]
+fn reused_clusters_get_zero_cow_in_the_same_write() {
+    let s = setup();
+    // Free the cluster written in setup (host cluster inside the file) and reuse it.
+    s.top.discard(60 * CS, CS).unwrap();
+    s.top.flush().unwrap();
+    s.top_io.take_log();
+    let data = vec![0x99u8; 1000];
+    s.top.write_at(&data, 10 * CS + 3000).unwrap();
+    let top_log = s.top_io.take_log();
+    assert!(reads(&top_log).is_empty(), "{top_log:?}");
+    assert_eq!(
+        writes(&top_log),
+        vec![(CS, 3)],
+        "stale contents are overwritten with zeros"
+    );
+    expect_cluster(&s.top, 10, 3000, &data, None);
 }
 
 #[test]

@@ -3,11 +3,18 @@
 //! reads, flushes and reopens applied both to an image and to an in-memory model; every
 //! read must match, and at the end `qemu-img check` must be clean and `qemu-img compare`
 //! must find the image identical to the model written as raw.
+//!
+//! Compressed configurations add compressed writes of whole clusters (into clusters
+//! that are unallocated in the image; elsewhere the write must fail and change
+//! nothing), with the compressed-write cache on and off and O_DIRECT on and off; the
+//! model is unchanged by compression, and later writes, zeroes and discards hit the
+//! compressed clusters.
 
 mod common;
 
 use common::*;
-use cowdisk::{CreateOptions, Image, OpenOptions};
+use cowdisk::image::Extent;
+use cowdisk::{CompressionType, CreateOptions, Image, OpenOptions, SnapshotOptions};
 use std::path::Path;
 
 struct Config {
@@ -20,6 +27,130 @@ struct Config {
     backing: &'static str,
     l2_cache_size: u64,
     ops: usize,
+    /// Compressed writes: None, or the compression type.
+    compression: Option<CompressionType>,
+    /// Compressed-write cache bytes (0 = off).
+    compressed_cache: u64,
+    /// Open with O_DIRECT.
+    direct: bool,
+}
+
+/// Fills `buf` with data that compresses: text, zeros and a few random bytes, or
+/// (sometimes) all random, which falls back to normal clusters.
+fn compressible(rng: &mut Rng, buf: &mut [u8]) {
+    let words: [&[u8]; 4] = [b"qcow2 ", b"compressed ", b"cluster ", b"\0\0\0\0\0\0\0\0"];
+    match rng.below(6) {
+        0 => rng.fill(buf),
+        _ => {
+            let mut at = 0;
+            while at < buf.len() {
+                let w = words[rng.below(4) as usize];
+                let n = w.len().min(buf.len() - at);
+                buf[at..at + n].copy_from_slice(&w[..n]);
+                at += n;
+                if rng.below(64) == 0 {
+                    let r = (rng.below(32) as usize).min(buf.len() - at);
+                    rng.fill(&mut buf[at..at + r]);
+                    at += r;
+                }
+            }
+        }
+    }
+}
+
+/// True when block status says the bytes are not allocated in the image itself (or
+/// are a zero cluster without a host cluster): compressed writes may go there.
+fn compressible_target(extents: &[Extent]) -> bool {
+    extents
+        .iter()
+        .all(|e| e.depth > 0 || !e.present || (e.zero && !e.data && e.offset.is_none()))
+}
+
+/// An internal snapshot as the model sees it.
+struct Snap {
+    id: String,
+    model: Vec<u8>,
+    /// VM state recorded with it.
+    vmstate: Vec<u8>,
+}
+
+/// One snapshot step: create (sometimes with VM state), goto or delete, mirrored in
+/// the model. Narrow refcounts may refuse a create or goto (ENOTSUP); then nothing
+/// changes.
+fn snapshot_step(
+    img: &Image,
+    rng: &mut Rng,
+    snaps: &mut Vec<Snap>,
+    model: &mut Vec<u8>,
+    step: usize,
+    cs: u64,
+) {
+    let op = if snaps.is_empty() { 0 } else { rng.below(4) };
+    match op {
+        0 | 1 if snaps.len() < 6 => {
+            let mut vmstate =
+                vec![0u8; rng.below(3) as usize * rng.below(3 * cs + 70_000) as usize];
+            rng.fill(&mut vmstate);
+            let mut at = 0;
+            while at < vmstate.len() {
+                let n = (1 + rng.below(5000) as usize).min(vmstate.len() - at);
+                img.save_vmstate(&vmstate[at..at + n], at as u64)
+                    .unwrap_or_else(|e| panic!("step {step}: save_vmstate: {e}"));
+                at += n;
+            }
+            img.finalize_vmstate().unwrap();
+            let opts = SnapshotOptions {
+                vm_state_size: vmstate.len() as u64,
+                ..SnapshotOptions::default()
+            };
+            match img.snapshot_create(&format!("s{step}"), &opts) {
+                Ok(info) => snaps.push(Snap {
+                    id: info.id,
+                    model: model.clone(),
+                    vmstate,
+                }),
+                Err(e) => assert_eq!(e.errno(), libc::ENOTSUP, "step {step}: create: {e}"),
+            }
+        }
+        0..=2 => {
+            let i = rng.below(snaps.len() as u64) as usize;
+            match img.snapshot_goto(&snaps[i].id) {
+                Ok(()) => {
+                    *model = snaps[i].model.clone();
+                    assert_eq!(img.size(), model.len() as u64, "step {step}: goto size");
+                    let mut back = vec![0u8; snaps[i].vmstate.len()];
+                    img.load_vmstate(&mut back, 0).unwrap();
+                    assert!(back == snaps[i].vmstate, "step {step}: VM state after goto");
+                }
+                Err(e) => assert_eq!(e.errno(), libc::ENOTSUP, "step {step}: goto: {e}"),
+            }
+        }
+        _ => {
+            let i = rng.below(snaps.len() as u64) as usize;
+            img.snapshot_delete(&snaps[i].id)
+                .unwrap_or_else(|e| panic!("step {step}: delete: {e}"));
+            snaps.remove(i);
+        }
+    }
+}
+
+/// Snapshot `id` of the image read by QEMU.
+fn qemu_read_snapshot(path: &Path, id: &str, s: &Scratch) -> Vec<u8> {
+    let out = s.path("qemu-snapshot.raw");
+    let _ = std::fs::remove_file(&out);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            &format!("snapshot.id={id}"),
+            path.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&out).unwrap()
 }
 
 fn write_raw(path: &Path, data: &[u8]) {
@@ -48,6 +179,7 @@ fn run_config(cfg: &Config, seed: u64) {
     let mut base = Vec::new();
 
     let mut create = CreateOptions {
+        compression_type: cfg.compression.unwrap_or_default(),
         version: cfg.version,
         cluster_size: cfg.cluster_size,
         refcount_bits: cfg.refcount_bits,
@@ -92,13 +224,39 @@ fn run_config(cfg: &Config, seed: u64) {
     Image::create(&img_path, cfg.size, &create).unwrap();
     let open_opts = OpenOptions {
         l2_cache_size: cfg.l2_cache_size,
+        compressed_cache_size: cfg.compressed_cache,
+        direct: cfg.direct,
         ..OpenOptions::default()
     };
     let mut img = Image::open(&img_path, &open_opts).unwrap();
     let cs = cfg.cluster_size as u64;
     let mut size = cfg.size;
+    let (mut compressed_ok, mut compressed_refused) = (0, 0);
+    let mut snaps: Vec<Snap> = Vec::new();
     for step in 0..cfg.ops {
         match rng.below(100) {
+            0..=49 if cfg.compression.is_some() && rng.below(3) == 0 => {
+                // A compressed write of whole clusters (the last one may be partial).
+                let first = rng.below(size.div_ceil(cs));
+                let off = first * cs;
+                let len = (cs * (1 + rng.below(6))).min(size - off);
+                let mut data = vec![0u8; len as usize];
+                compressible(&mut rng, &mut data);
+                let status = img.block_status(off, len, usize::MAX).unwrap();
+                let allowed = compressible_target(&status);
+                match img.write_compressed(&data, off) {
+                    Ok(()) => {
+                        assert!(allowed, "step {step}: compressed write {len}@{off} over allocated clusters succeeded: {status:?}");
+                        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        compressed_ok += 1;
+                    }
+                    Err(e) => {
+                        assert!(!allowed, "step {step}: compressed write {len}@{off}: {e}");
+                        assert_eq!(e.errno(), libc::EINVAL, "step {step}: {e}");
+                        compressed_refused += 1;
+                    }
+                }
+            }
             0..=49 => {
                 // Mostly small writes, some spanning several clusters; aligned sometimes.
                 let len = match rng.below(40) {
@@ -156,11 +314,18 @@ fn run_config(cfg: &Config, seed: u64) {
             }
             63..=64 => {
                 // Resize within [size/2, 1.5 size], shrinking with force.
+                // Images with snapshots may refuse to shrink.
                 let new_size = (cfg.size / 2 + rng.below(cfg.size)) / 512 * 512;
-                img.resize(new_size, true)
-                    .unwrap_or_else(|e| panic!("step {step}: resize {size} -> {new_size}: {e}"));
-                model.resize(new_size as usize, 0);
-                size = new_size;
+                match img.resize(new_size, true) {
+                    Ok(()) => {
+                        model.resize(new_size as usize, 0);
+                        size = new_size;
+                    }
+                    Err(e) => assert!(
+                        !snaps.is_empty() && new_size < size && e.errno() == libc::ENOTSUP,
+                        "step {step}: resize {size} -> {new_size}: {e}"
+                    ),
+                }
                 assert_eq!(img.size(), size);
             }
             65..=89 => {
@@ -173,12 +338,26 @@ fn run_config(cfg: &Config, seed: u64) {
                     panic!("step {step}: read {len}@{off} differs from the model");
                 }
             }
+            90..=94 if rng.below(2) == 0 => {
+                snapshot_step(&img, &mut rng, &mut snaps, &mut model, step, cs);
+                size = model.len() as u64;
+            }
             90..=94 => img.flush().unwrap(),
             _ => {
                 img.close().unwrap();
                 img = Image::open(&img_path, &open_opts).unwrap();
             }
         }
+    }
+    if cfg.compression.is_some() {
+        eprintln!(
+            "{}: {compressed_ok} compressed writes, {compressed_refused} refused",
+            cfg.name
+        );
+        assert!(
+            compressed_ok >= 10,
+            "too few compressed writes went through"
+        );
     }
     // Full read-back through cowdisk, then let QEMU judge the file.
     let mut all = vec![0u8; size as usize];
@@ -193,6 +372,18 @@ fn run_config(cfg: &Config, seed: u64) {
     let model_path = s.path("model.raw");
     write_raw(&model_path, &model);
     qemu_compare_raw(&img_path, &model_path);
+    for snap in &snaps {
+        let q = qemu_read_snapshot(&img_path, &snap.id, &s);
+        let n = q.len().min(snap.model.len());
+        let first = (0..n).find(|&i| q[i] != snap.model[i]);
+        eprintln!("snap {} qemu {} model {} first diff {:?}", snap.id, q.len(), snap.model.len(), first);
+        assert!(
+            q == snap.model,
+            "{}: snapshot {} differs from its model",
+            cfg.name,
+            snap.id
+        );
+    }
 }
 
 macro_rules! differential {
@@ -208,7 +399,42 @@ macro_rules! differential {
                 backing: $backing,
                 l2_cache_size: $cache,
                 ops: $ops,
+                compression: None,
+                compressed_cache: 0,
+                direct: false,
             };
+            run_config(&cfg, seed(0xC0DE));
+        }
+    };
+}
+
+/// A differential run with compressed writes: compression type, compressed-write
+/// cache bytes (0 = off), O_DIRECT.
+macro_rules! compressed {
+    ($name:ident, $v:expr, $cs:expr, $rb:expr, $size:expr, $backing:expr, $l2:expr, $ops:expr,
+     $kind:expr, $ccache:expr, $direct:expr) => {
+        #[test]
+        fn $name() {
+            let cfg = Config {
+                name: stringify!($name),
+                version: $v,
+                cluster_size: $cs,
+                refcount_bits: $rb,
+                size: $size,
+                backing: $backing,
+                l2_cache_size: $l2,
+                ops: $ops,
+                compression: Some($kind),
+                compressed_cache: $ccache,
+                direct: $direct,
+            };
+            if $direct && !supports_direct(&std::env::temp_dir()) {
+                eprintln!(
+                    "NOTICE: the temporary folder refuses O_DIRECT; skipping {}",
+                    cfg.name
+                );
+                return;
+            }
             run_config(&cfg, seed(0xC0DE));
         }
     };
@@ -251,4 +477,128 @@ differential!(
     "qcow2",
     0,
     1500
+);
+
+const CACHE: u64 = cowdisk::image::DEFAULT_COMPRESSED_CACHE_SIZE;
+use CompressionType::{Zlib, Zstd};
+
+compressed!(
+    c_v3_64k_zlib_cache,
+    3,
+    65536,
+    16,
+    24 * MIB,
+    "none",
+    0,
+    1500,
+    Zlib,
+    CACHE,
+    false
+);
+compressed!(
+    c_v3_64k_zstd_nocache,
+    3,
+    65536,
+    16,
+    24 * MIB,
+    "none",
+    0,
+    1500,
+    Zstd,
+    0,
+    false
+);
+compressed!(
+    c_v3_64k_zlib_direct_cache,
+    3,
+    65536,
+    16,
+    24 * MIB,
+    "none",
+    0,
+    1200,
+    Zlib,
+    CACHE,
+    true
+);
+compressed!(
+    c_v3_64k_zstd_direct_nocache,
+    3,
+    65536,
+    16,
+    24 * MIB,
+    "none",
+    0,
+    1200,
+    Zstd,
+    0,
+    true
+);
+// 4 KiB clusters with 2-bit refcounts: a host cluster holds at most 3 compressed ones.
+compressed!(
+    c_v3_4k_rc2_zlib_direct_cache,
+    3,
+    4096,
+    2,
+    8 * MIB,
+    "qcow2",
+    0,
+    1500,
+    Zlib,
+    64 * 1024,
+    true
+);
+// 512-byte clusters, 1-bit refcounts and a tiny L2 cache: evictions of L2 tables that
+// point into the cache.
+compressed!(
+    c_v3_512_rc1_small_l2_cache,
+    3,
+    512,
+    1,
+    2 * MIB,
+    "none",
+    2048,
+    1500,
+    Zlib,
+    8192,
+    false
+);
+compressed!(
+    c_v3_512_rc16_small_l2_direct,
+    3,
+    512,
+    16,
+    2 * MIB,
+    "none",
+    2048,
+    1500,
+    Zstd,
+    4096,
+    true
+);
+compressed!(
+    c_v2_64k_raw_backing_cache,
+    2,
+    65536,
+    16,
+    24 * MIB,
+    "raw",
+    0,
+    1200,
+    Zlib,
+    CACHE,
+    false
+);
+compressed!(
+    c_v3_2m_zstd_cache,
+    3,
+    2 * 1024 * 1024,
+    16,
+    48 * MIB,
+    "none",
+    0,
+    400,
+    Zstd,
+    CACHE,
+    false
 );

@@ -153,6 +153,16 @@ type OpenOptions struct {
 	L2CacheSize uint64
 	// MaxBackingDepth is the maximum length of the backing chain (0 = 32).
 	MaxBackingDepth uint32
+	// DiscardUnmap punches the clusters freed by Discard (and by WriteZeroes with
+	// mayUnmap) out of the image file, like QEMU's discard=unmap.
+	DiscardUnmap bool
+	// NoCompressedCache writes each compressed cluster of WriteCompressedAt on its
+	// own (as QEMU does) instead of gathering them into whole host clusters written
+	// with aligned writes.
+	NoCompressedCache bool
+	// CompressedCacheSize is the memory of the compressed-write cache in bytes
+	// (0 = 4 MiB).
+	CompressedCacheSize uint64
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -164,6 +174,9 @@ type OpenOptions struct {
 type Image struct {
 	path string
 	size atomic.Int64 // virtual size in bytes, cached
+
+	// resizeMu orders Resize calls, so that the cached size is the last one set.
+	resizeMu sync.Mutex
 
 	// mu is held for reading by every call that uses h and for writing by Close,
 	// so that the handle is never freed while a C call still uses it.
@@ -199,6 +212,13 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		if opts.NoBacking {
 			co.flags |= C.COWDISK_OPEN_NO_BACKING
 		}
+		if opts.DiscardUnmap {
+			co.flags |= C.COWDISK_OPEN_DISCARD_UNMAP
+		}
+		if opts.NoCompressedCache {
+			co.flags |= C.COWDISK_OPEN_NO_COMPRESSED_CACHE
+		}
+		co.compressed_cache_size = C.uint64_t(opts.CompressedCacheSize)
 		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)
 		co.max_backing_depth = C.uint32_t(opts.MaxBackingDepth)
 		copts = &co
@@ -319,6 +339,28 @@ func (img *Image) WriteAt(p []byte, off int64) (n int, err error) {
 	return len(p), nil
 }
 
+// WriteCompressedAt writes p at guest offset off as compressed clusters, with the
+// compression type chosen when the image was created (zlib or zstd). off must be
+// cluster-aligned and len(p) whole clusters; only the image's last cluster may be
+// partial. The clusters must be unallocated in this image, as QEMU requires
+// (syscall.EINVAL otherwise, and nothing is written). Clusters that do not
+// compress are stored normally. The clusters of one call are compressed on all
+// cores. The write is all or nothing: n is len(p) or 0.
+func (img *Image) WriteCompressedAt(p []byte, off int64) (n int, err error) {
+	const op = "write_compressed"
+	if off < 0 {
+		return 0, newError(op, img.path, syscall.EINVAL, "invalid argument: negative offset %d", off)
+	}
+	err = img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_pwrite_compressed(h, bufPtr(p), C.size_t(len(p)), C.uint64_t(off))
+	})
+	runtime.KeepAlive(p)
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
 // Flush makes everything written so far durable on the host storage.
 func (img *Image) Flush() error {
 	return img.do("flush", func(h *C.cowdisk) C.int { return C.cowdisk_flush(h) })
@@ -414,6 +456,161 @@ func (img *Image) Info() (Info, error) {
 		info.CompressionType = fmt.Sprintf("unknown(%d)", c)
 	}
 	return info, nil
+}
+
+// checkRange refuses negative offsets and lengths before they reach C as huge
+// unsigned numbers.
+func (img *Image) checkRange(op string, off, n int64) error {
+	if off < 0 {
+		return newError(op, img.path, syscall.EINVAL, "invalid argument: negative offset %d", off)
+	}
+	if n < 0 {
+		return newError(op, img.path, syscall.EINVAL, "invalid argument: negative length %d", n)
+	}
+	return nil
+}
+
+// WriteZeroes makes the n guest bytes at off read as zeros, whatever the backing
+// chain holds. No alignment is needed. Whole clusters become zero clusters; with
+// mayUnmap their host clusters are released too. The range must lie within Size()
+// (syscall.EINVAL); a read-only image gives syscall.EROFS.
+func (img *Image) WriteZeroes(off, n int64, mayUnmap bool) error {
+	const op = "write_zeroes"
+	if err := img.checkRange(op, off, n); err != nil {
+		return err
+	}
+	var flags C.uint32_t
+	if mayUnmap {
+		flags = C.COWDISK_ZEROES_MAY_UNMAP
+	}
+	return img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_write_zeroes(h, C.uint64_t(off), C.uint64_t(n), flags)
+	})
+}
+
+// Discard releases the whole clusters of the n guest bytes at off; partial
+// clusters at the edges are left unchanged. Released clusters read as zeros (on a
+// version 2 image with a backing file: as the backing file). With
+// OpenOptions.DiscardUnmap the freed space is punched out of the image file.
+func (img *Image) Discard(off, n int64) error {
+	const op = "discard"
+	if err := img.checkRange(op, off, n); err != nil {
+		return err
+	}
+	return img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_discard(h, C.uint64_t(off), C.uint64_t(n))
+	})
+}
+
+// Resize changes the virtual size to size bytes (a multiple of 512). Growing
+// always works; the new bytes read as zeros. Shrinking fails with syscall.EINVAL
+// when data is allocated past the new end, unless force, which discards that
+// data; images with internal snapshots cannot shrink (syscall.ENOTSUP).
+func (img *Image) Resize(size int64, force bool) error {
+	const op = "resize"
+	if size < 0 {
+		return newError(op, img.path, syscall.EINVAL, "invalid argument: negative size %d", size)
+	}
+	var flags C.uint32_t
+	if force {
+		flags = C.COWDISK_RESIZE_FORCE
+	}
+	img.resizeMu.Lock()
+	defer img.resizeMu.Unlock()
+	err := img.do(op, func(h *C.cowdisk) C.int {
+		return C.cowdisk_resize_ex(h, C.uint64_t(size), flags)
+	})
+	if err == nil {
+		img.size.Store(size)
+	}
+	return err
+}
+
+// Extent is a run of guest bytes with the same status, as listed by Extents.
+// The fields mean what they mean in `qemu-img map --output=json`.
+type Extent struct {
+	// Start is the guest offset of the first byte; Length the number of bytes.
+	Start, Length int64
+	// Depth is the layer of the backing chain that decides the bytes (0 = this
+	// image).
+	Depth int
+	// Present: some layer allocates the bytes (as data or as zeros). Zero: they
+	// read as zeros. Data: they are stored as data. Compressed: they are in a
+	// compressed cluster.
+	Present, Zero, Data, Compressed bool
+	// Offset is the host offset of the first byte in the file of layer Depth,
+	// valid when HasOffset (not for unallocated, zero or compressed clusters).
+	Offset    int64
+	HasOffset bool
+}
+
+// continuedBy reports whether next continues e with the same status.
+func (e Extent) continuedBy(next Extent) bool {
+	if e.Start+e.Length != next.Start || e.Depth != next.Depth || e.Present != next.Present ||
+		e.Zero != next.Zero || e.Data != next.Data || e.Compressed != next.Compressed ||
+		e.HasOffset != next.HasOffset {
+		return false
+	}
+	return !e.HasOffset || e.Offset+e.Length == next.Offset
+}
+
+// extentBatch is the number of extents asked of the library per call.
+const extentBatch = 1024
+
+// Extents describes the n guest bytes at off (clamped to Size()) as extents of
+// equal status through the whole backing chain, merged like `qemu-img map`: for
+// off 0 and n Size() the result equals `qemu-img map --output=json`. An offset
+// past Size() is syscall.EINVAL; off == Size() or n == 0 gives no extents.
+func (img *Image) Extents(off, n int64) ([]Extent, error) {
+	const op = "block_status"
+	if err := img.checkRange(op, off, n); err != nil {
+		return nil, err
+	}
+	end := uint64(off) + uint64(n) // no overflow: both are below 2^63
+	var out []Extent
+	var buf [extentBatch]C.cowdisk_extent
+	var count C.size_t
+	for pos := uint64(off); pos < end; {
+		err := img.do(op, func(h *C.cowdisk) C.int {
+			return C.cowdisk_block_status(h, C.uint64_t(pos), C.uint64_t(end-pos),
+				&buf[0], extentBatch, &count)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if count == 0 { // pos is the end of the image
+			break
+		}
+		for _, ce := range buf[:count] {
+			flags := uint32(ce.flags)
+			e := Extent{
+				Start:      int64(ce.start),
+				Length:     int64(ce.length),
+				Depth:      int(ce.depth),
+				Present:    flags&C.COWDISK_EXTENT_PRESENT != 0,
+				Zero:       flags&C.COWDISK_EXTENT_ZERO != 0,
+				Data:       flags&C.COWDISK_EXTENT_DATA != 0,
+				Compressed: flags&C.COWDISK_EXTENT_COMPRESSED != 0,
+				HasOffset:  flags&C.COWDISK_EXTENT_OFFSET_VALID != 0,
+			}
+			if e.HasOffset {
+				e.Offset = int64(ce.offset)
+			}
+			if last := len(out) - 1; last >= 0 && out[last].continuedBy(e) {
+				out[last].Length += e.Length
+			} else {
+				out = append(out, e)
+			}
+		}
+		last := buf[count-1]
+		next := uint64(last.start) + uint64(last.length)
+		if next <= pos {
+			return nil, newError(op, img.path, syscall.EIO,
+				"block status made no progress at offset %d", pos)
+		}
+		pos = next
+	}
+	return out, nil
 }
 
 // Compile-time checks of the io interfaces.

@@ -2,7 +2,7 @@
 //!
 //! Conventions for every function here:
 //! - 0 on success, a negative errno on failure; the failure's message is kept per thread
-//!   and returned by [`cowdisk_last_error`].
+//!   and returned by `cowdisk_last_error()`.
 //! - Out-pointers are written only on success.
 //! - A NULL handle, path or buffer is an error (`-EINVAL`), never a crash.
 //! - No panic crosses the boundary: a panic becomes `-EIO` with a message, and the handle
@@ -11,6 +11,7 @@
 //!   `sizeof(the struct)`; fields are only ever appended, so old callers keep working.
 #![allow(non_camel_case_types)]
 
+mod compress;
 mod errors;
 mod options;
 
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
+pub use compress::cowdisk_pwrite_compressed;
 pub use errors::{cowdisk_last_error, cowdisk_strerror, cowdisk_version};
 pub use options::{cowdisk_create_opts, cowdisk_info, cowdisk_open_opts};
 
@@ -35,6 +37,9 @@ pub const COWDISK_OPEN_NO_BACKING: u32 = 4;
 
 /// Punch freed clusters out of the image file (QEMU's `discard=unmap`).
 pub const COWDISK_OPEN_DISCARD_UNMAP: u32 = 8;
+/// Write each compressed cluster on its own instead of gathering them into whole host
+/// clusters in the compressed-write cache (`cowdisk_open_opts.compressed_cache_size`).
+pub const COWDISK_OPEN_NO_COMPRESSED_CACHE: u32 = 16;
 
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;
@@ -48,7 +53,7 @@ pub const COWDISK_INFO_DIRTY: u32 = 4;
 /// `cowdisk_info.flags`: the image is marked corrupt.
 pub const COWDISK_INFO_CORRUPT: u32 = 8;
 
-/// An open qcow2 image. Opaque; created by [`cowdisk_open`], freed by [`cowdisk_close`].
+/// An open qcow2 image. Opaque; created by `cowdisk_open()`, freed by `cowdisk_close()`.
 ///
 /// Thread-safety: every function taking a `cowdisk *` may be called from any number of
 /// threads at once on the same handle, except `cowdisk_close`, which must be the last call.
@@ -100,7 +105,7 @@ pub unsafe extern "C" fn cowdisk_create(
 /// Opens the qcow2 image at `path` and stores a new handle in `*out`.
 ///
 /// `opts` may be NULL: read-write, buffered I/O, backing files followed (as QEMU does).
-/// The handle is owned by the caller and must be released with [`cowdisk_close`].
+/// The handle is owned by the caller and must be released with `cowdisk_close()`.
 ///
 /// Errors: `-ENOENT` and other host errors, `-EINVAL` for a file that is not qcow2,
 /// `-ENOTSUP` for features cowdisk does not implement (named in the message), `-EIO` for
@@ -133,7 +138,7 @@ pub unsafe extern "C" fn cowdisk_open(
 /// NULL is `-EINVAL`. Not to be called while other threads still use the handle.
 ///
 /// # Safety
-/// `img` must be NULL or a handle from [`cowdisk_open`] not yet closed.
+/// `img` must be NULL or a handle from `cowdisk_open()` not yet closed.
 #[no_mangle]
 pub unsafe extern "C" fn cowdisk_close(img: *mut cowdisk) -> c_int {
     guard("cowdisk_close", || {
@@ -175,7 +180,7 @@ pub unsafe extern "C" fn cowdisk_pread(
 ///
 /// The range must lie within the virtual size (`-EINVAL` otherwise); a read-only handle
 /// gives `-EROFS`. On failure the old contents of the range stay readable. The data is
-/// durable only after [`cowdisk_flush`] or [`cowdisk_close`]. Thread-safe.
+/// durable only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
 ///
 /// # Safety
 /// `img` must be a live handle; `buf` must be valid for `len` readable bytes.
@@ -239,7 +244,7 @@ pub const COWDISK_EXTENT_COMPRESSED: u32 = 8;
 /// `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
 pub const COWDISK_EXTENT_OFFSET_VALID: u32 = 16;
 
-/// One run of guest bytes with the same status, filled by [`cowdisk_block_status`].
+/// One run of guest bytes with the same status, filled by `cowdisk_block_status()`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowdisk_extent {
@@ -305,7 +310,7 @@ pub unsafe extern "C" fn cowdisk_discard(img: *mut cowdisk, offset: u64, len: u6
 /// Changes the virtual size to `new_size` (a multiple of 512).
 ///
 /// Growing always works and the new bytes read as zeros. Shrinking fails with
-/// `-EINVAL` when data is allocated past the new end (see [`cowdisk_resize_ex`] to
+/// `-EINVAL` when data is allocated past the new end (see `cowdisk_resize_ex()` to
 /// force it) and with `-ENOTSUP` when the image has internal snapshots. Thread-safe.
 ///
 /// # Safety
@@ -315,7 +320,7 @@ pub unsafe extern "C" fn cowdisk_resize(img: *mut cowdisk, new_size: u64) -> c_i
     guard_handle("cowdisk_resize", img, |h| h.image.resize(new_size, false))
 }
 
-/// Like [`cowdisk_resize`], with `COWDISK_RESIZE_FORCE` to shrink over allocated data
+/// Like `cowdisk_resize()`, with `COWDISK_RESIZE_FORCE` to shrink over allocated data
 /// (which is discarded). Thread-safe.
 ///
 /// # Safety

@@ -8,10 +8,11 @@ use crate::image::{CompressionType, CreateOptions, ImageInfo, OpenOptions};
 use super::{
     COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY,
     COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_DIRECT,
-    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_READONLY,
+    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE,
+    COWDISK_OPEN_READONLY,
 };
 
-/// Options for [`super::cowdisk_create`]. Zero fields mean "default".
+/// Options for `cowdisk_create()`. Zero fields mean "default".
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowdisk_create_opts {
@@ -33,7 +34,7 @@ pub struct cowdisk_create_opts {
     pub backing_format: *const c_char,
 }
 
-/// Options for [`super::cowdisk_open`]. Zero fields mean "default".
+/// Options for `cowdisk_open()`. Zero fields mean "default".
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowdisk_open_opts {
@@ -47,9 +48,12 @@ pub struct cowdisk_open_opts {
     pub max_backing_depth: u32,
     /// Reserved, set to 0.
     pub reserved: u32,
+    /// Bytes of memory for the compressed-write cache (0 = 4 MiB; see
+    /// `COWDISK_OPEN_NO_COMPRESSED_CACHE` to turn it off).
+    pub compressed_cache_size: u64,
 }
 
-/// Facts about an open image, filled by [`super::cowdisk_get_info`].
+/// Facts about an open image, filled by `cowdisk_get_info`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowdisk_info {
@@ -119,7 +123,7 @@ unsafe fn opt_string(s: *const c_char, what: &str) -> Result<Option<String>> {
 /// Converts C create options (NULL = defaults) to [`CreateOptions`].
 ///
 /// # Safety
-/// `opts` must be NULL or valid as documented on [`cowdisk_create_opts`].
+/// `opts` must be NULL or valid as documented on `cowdisk_create_opts`.
 pub(super) unsafe fn create_options(opts: *const cowdisk_create_opts) -> Result<CreateOptions> {
     let mut out = CreateOptions::default();
     let Some(c) = read_versioned(opts, "cowdisk_create_opts")? else {
@@ -160,7 +164,7 @@ pub(super) unsafe fn create_options(opts: *const cowdisk_create_opts) -> Result<
 /// Converts C open options (NULL = defaults) to [`OpenOptions`].
 ///
 /// # Safety
-/// `opts` must be NULL or valid as documented on [`cowdisk_open_opts`].
+/// `opts` must be NULL or valid as documented on `cowdisk_open_opts`.
 pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<OpenOptions> {
     let mut out = OpenOptions::default();
     let Some(c) = read_versioned(opts, "cowdisk_open_opts")? else {
@@ -169,7 +173,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     let known = COWDISK_OPEN_READONLY
         | COWDISK_OPEN_DIRECT
         | COWDISK_OPEN_NO_BACKING
-        | COWDISK_OPEN_DISCARD_UNMAP;
+        | COWDISK_OPEN_DISCARD_UNMAP
+        | COWDISK_OPEN_NO_COMPRESSED_CACHE;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -183,6 +188,11 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;
+    }
+    if c.flags & COWDISK_OPEN_NO_COMPRESSED_CACHE != 0 {
+        out.compressed_cache_size = 0;
+    } else if c.compressed_cache_size != 0 {
+        out.compressed_cache_size = c.compressed_cache_size;
     }
     Ok(out)
 }

@@ -47,8 +47,17 @@ pub(crate) struct Meta {
     pub discard_unmap: bool,
     /// Highest byte in use on the host: max(file length at open, end of every allocation).
     pub host_end: u64,
+    /// Length of the image file as far as our writes made it (bytes past it read as
+    /// zeros, so a fresh cluster there needs no zero-filling).
+    pub file_len: u64,
+    /// Whether the image looks metadata-preallocated (decided once, on first use).
+    pub preallocated: Option<bool>,
     /// Set when a failed update may have left the in-memory metadata in doubt.
     pub broken: Option<String>,
+    /// The internal snapshot table (see `snapshot.rs`).
+    pub snapshots: crate::format::snapshot::SnapshotTable,
+    /// Compressed clusters: packing position, write cache, last decompressed cluster.
+    pub compress: super::compress::CompressState,
 }
 
 impl Meta {
@@ -102,6 +111,7 @@ impl Meta {
             .write_at(buf, offset)
             .map_err(Meta::io_err(format!("writing {what} at {offset:#x}")))?;
         self.host_end = self.host_end.max(offset + buf.len() as u64);
+        self.file_len = self.file_len.max(offset + buf.len() as u64);
         Ok(())
     }
 
@@ -136,6 +146,7 @@ impl Meta {
     /// tables, a barrier, then the deferred refcount decrements. Leaves the image
     /// consistent on disk.
     pub fn flush_metadata(&mut self) -> Result<()> {
+        self.flush_compressed_cache()?;
         self.write_dirty_refcount_blocks()?;
         let dirty_l2 = self.l2_cache.dirty_keys();
         if !dirty_l2.is_empty() {
@@ -155,6 +166,7 @@ impl Meta {
 
     /// Writes one cached L2 table to its place.
     pub fn write_l2_table(&mut self, key: u64) -> Result<()> {
+        self.before_l2_write(key)?;
         let data = self
             .l2_cache
             .peek(key)

@@ -7,6 +7,7 @@
 mod backing;
 mod cache;
 mod cluster;
+mod compress;
 mod create;
 mod meta;
 mod open;
@@ -14,11 +15,15 @@ mod options;
 mod read;
 mod refcount;
 mod resize;
+mod snapshot;
 mod status;
+mod vmstate;
 mod write;
 mod zero;
 
+pub use compress::DEFAULT_COMPRESSED_CACHE_SIZE;
 pub use options::*;
+pub use snapshot::{SnapshotInfo, SnapshotOptions, MAX_SNAPSHOT_NAME};
 pub use status::Extent;
 
 use std::path::{Path, PathBuf};
@@ -33,9 +38,11 @@ use meta::Meta;
 /// All methods take `&self` and may be called from many threads at once. Dropping an
 /// image flushes its metadata (errors are lost then; call [`Image::close`] to see them).
 pub struct Image {
-    meta: Mutex<Meta>,
+    /// Shared with the VM state writer threads.
+    meta: Arc<Mutex<Meta>>,
     path: Option<PathBuf>,
     closed: bool,
+    vmstate: vmstate::VmState,
 }
 
 impl Image {
@@ -59,22 +66,14 @@ impl Image {
         let storage = crate::io::FileStorage::open(path, !opts.read_only, opts.direct)
             .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
         let meta = open::open_meta(Arc::new(storage), opts, Some(path), depth_left, None)?;
-        Ok(Image {
-            meta: Mutex::new(meta),
-            path: Some(path.to_path_buf()),
-            closed: false,
-        })
+        Ok(Image::from_meta(meta, Some(path.to_path_buf())))
     }
 
     /// Opens an image on any storage (tests use memory and fault-injecting storage).
     /// Relative backing file names resolve against the current directory.
     pub fn open_storage(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let meta = open::open_meta(storage, opts, None, opts.max_backing_depth, None)?;
-        Ok(Image {
-            meta: Mutex::new(meta),
-            path: None,
-            closed: false,
-        })
+        Ok(Image::from_meta(meta, None))
     }
 
     /// Opens an image on any storage over a backing image the caller opened itself
@@ -87,11 +86,18 @@ impl Image {
     ) -> Result<Image> {
         let given = Some(backing::Backing::Qcow2(Box::new(backing)));
         let meta = open::open_meta(storage, opts, None, opts.max_backing_depth, given)?;
-        Ok(Image {
-            meta: Mutex::new(meta),
-            path: None,
+        Ok(Image::from_meta(meta, None))
+    }
+
+    fn from_meta(meta: Meta, path: Option<PathBuf>) -> Image {
+        let cluster_size = meta.cluster_size;
+        let meta = Arc::new(Mutex::new(meta));
+        Image {
+            vmstate: vmstate::VmState::new(Arc::clone(&meta), cluster_size),
+            meta,
+            path,
             closed: false,
-        })
+        }
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
@@ -171,7 +177,11 @@ impl Image {
     /// zeros); shrinking fails when data is allocated past the new end unless `force`,
     /// which discards it. Images with internal snapshots cannot shrink.
     pub fn resize(&self, new_size: u64, force: bool) -> Result<()> {
-        self.modify("resize", |meta| meta.resize(new_size, force))
+        // The VM state area moves with the size: unfinalized state is written first.
+        let mut vm = self.vmstate.quiesce(false)?;
+        let result = self.modify("resize", |meta| meta.resize(new_size, force));
+        vm.invalidate();
+        result
     }
 
     /// The status of guest `[offset, offset+len)` (clamped to the virtual size) as
@@ -208,7 +218,8 @@ impl Image {
     /// Flushes and closes the image, returning the flush status.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        self.flush()
+        let vmstate = self.vmstate.shutdown();
+        vmstate.and(self.flush())
     }
 
     /// The virtual size in bytes.
@@ -266,6 +277,8 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
+        // Unfinalized VM state is written (and the writer threads stopped) first.
+        let _ = self.vmstate.shutdown();
         if !self.closed {
             if let Ok(mut meta) = self.meta.lock() {
                 if !meta.read_only && meta.broken.is_none() {

@@ -129,9 +129,19 @@ pub(crate) fn open_meta(
         read_only: opts.read_only,
         discard_unmap: opts.discard_unmap,
         host_end: file_size,
+        file_len: file_size,
+        preallocated: None,
         broken: None,
+        snapshots: Default::default(),
+        compress: super::compress::CompressState::new(if opts.read_only {
+            0
+        } else {
+            opts.compressed_cache_size
+        }),
         header,
     };
+
+    meta.snapshots = meta.read_snapshot_table()?;
 
     if !meta.read_only && meta.header.version >= 3 && meta.header.autoclear_features != 0 {
         // We do not maintain what autoclear features describe (bitmaps), so, as QEMU

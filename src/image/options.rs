@@ -78,6 +78,10 @@ pub struct OpenOptions {
     /// Punch host clusters out of the image file when they are freed (QEMU's
     /// `discard=unmap`), so discarded space goes back to the host file system.
     pub discard_unmap: bool,
+    /// Memory for the compressed-write cache, which gathers compressed clusters into
+    /// whole host clusters and writes those with aligned writes (0 = no cache: each
+    /// compressed cluster is written on its own, as QEMU does).
+    pub compressed_cache_size: u64,
 }
 
 impl Default for OpenOptions {
@@ -89,6 +93,7 @@ impl Default for OpenOptions {
             l2_cache_size: 0,
             max_backing_depth: 32,
             discard_unmap: false,
+            compressed_cache_size: super::compress::DEFAULT_COMPRESSED_CACHE_SIZE,
         }
     }
 }

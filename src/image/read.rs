@@ -2,9 +2,9 @@
 //! of the same kind (adjacent host clusters, zeros, backing file) are read together.
 
 use super::meta::Meta;
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::entry::Mapping;
-use crate::{corrupt, unsupported};
 
 /// Where a run of guest bytes comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -12,6 +12,12 @@ enum Source {
     Host(u64),
     Zero,
     Backing(u64),
+    /// A compressed cluster (descriptor offset and length) and the first byte wanted.
+    Compressed {
+        offset: u64,
+        len: u64,
+        within: u64,
+    },
 }
 
 impl Meta {
@@ -42,11 +48,11 @@ impl Meta {
                 }
                 Mapping::Zero { .. } => Source::Zero,
                 Mapping::Unallocated => Source::Backing(guest),
-                Mapping::Compressed { .. } => {
-                    return Err(unsupported!(
-                        "reading compressed clusters is not supported yet (guest offset {guest:#x})"
-                    ))
-                }
+                Mapping::Compressed { offset, len } => Source::Compressed {
+                    offset,
+                    len,
+                    within,
+                },
             };
             run = match run {
                 Some((s, start, len)) if continues(s, len, source) => Some((s, start, len + n)),
@@ -77,6 +83,15 @@ impl Meta {
                 Ok(())
             }
             Source::Backing(guest) => self.read_backing(buf, guest),
+            Source::Compressed {
+                offset,
+                len,
+                within,
+            } => {
+                let data = self.decompressed(offset, len)?;
+                buf.copy_from_slice(&data[within as usize..within as usize + buf.len()]);
+                Ok(())
+            }
         }
     }
 

@@ -119,6 +119,7 @@ impl Meta {
             };
             self.set_refcount(cluster, new)?;
             if new == 0 {
+                self.compressed_host_cluster_freed(cluster << self.cluster_bits);
                 self.rc.free_hint = self.rc.free_hint.min(cluster);
                 if self.discard_unmap {
                     let at = cluster << self.cluster_bits;

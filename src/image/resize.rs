@@ -32,6 +32,8 @@ impl Meta {
     }
 
     fn grow(&mut self, old_size: u64, new_size: u64) -> Result<()> {
+        // VM state past the old end would become guest data (its area moves anyway).
+        self.drop_active_vmstate()?;
         let needed = new_size.div_ceil(1u64 << (self.cluster_bits + self.l2_bits));
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
@@ -78,6 +80,7 @@ impl Meta {
             }
             pos += cs;
         }
+        self.drop_active_vmstate()?; // its area moves with the size
         self.unallocate_range(first_dropped, old_end)?;
         // L2 tables wholly past the new end are dropped too.
         let keep = first_dropped.div_ceil(self.l1_span_bytes()) as usize;

@@ -60,6 +60,35 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 }
 
 impl Meta {
+    /// QEMU's heuristic for metadata preallocation: noticeably more clusters are in
+    /// use than the file physically occupies. Only then do data clusters' holes in the
+    /// host file count as zeros (for which QEMU asks the file system).
+    fn looks_preallocated(&mut self) -> Result<bool> {
+        if let Some(known) = self.preallocated {
+            return Ok(known);
+        }
+        let real = self.storage.allocated_size().unwrap_or(None);
+        let answer = match real {
+            None => false,
+            Some(bytes) => {
+                let real_clusters = bytes / self.cluster_size;
+                let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+                let end = self.file_len.div_ceil(self.cluster_size);
+                let mut in_use = 0;
+                let mut cluster = 0;
+                while cluster < end && in_use < threshold {
+                    if self.refcount(cluster)? != 0 {
+                        in_use += 1;
+                    }
+                    cluster += 1;
+                }
+                in_use >= threshold
+            }
+        };
+        self.preallocated = Some(answer);
+        Ok(answer)
+    }
+
     /// Appends the status of guest `[offset, offset+len)` (within this layer's size) at
     /// chain depth `depth`, stopping early once `out` holds more than `limit` extents.
     pub(crate) fn block_status(
@@ -75,6 +104,7 @@ impl Meta {
         let mut pos = offset;
         // The last data-or-hole run the host file reported: (start, end, is data).
         let mut hole_cache: Option<(u64, u64, bool)> = None;
+        let ask_host = self.looks_preallocated()?;
         while pos < end && out.len() <= limit {
             let within = pos & (cs - 1);
             let n = (cs - within).min(end - pos);
@@ -90,13 +120,14 @@ impl Meta {
             };
             match self.mapping(pos)? {
                 Mapping::Normal { host, .. } => {
-                    // Like QEMU, ask the host file whether the data is in a hole (a
-                    // sparse or preallocated cluster): then it also reads as zero.
+                    // Like QEMU, on images that look preallocated ask the host file
+                    // whether the data is in a hole: then it also reads as zero.
                     let mut at = 0;
                     while at < n {
                         let h = host + within + at;
                         let (is_data, run_end) = match hole_cache {
                             Some((start, end, d)) if h >= start && h < end => (d, end),
+                            _ if !ask_host => (true, u64::MAX),
                             _ => {
                                 let found = self.storage.extent_at(h).unwrap_or(None);
                                 let (d, end) = found.unwrap_or((true, u64::MAX));

@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use super::meta::Meta;
 use crate::error::Result;
+use crate::format::compressed;
 use crate::format::entry::{Mapping, COPIED};
-use crate::unsupported;
 
 /// A cluster's worth of zeros (the largest cluster is 2 MiB), for COW regions that read
 /// as zero.
@@ -49,11 +49,6 @@ impl Meta {
     /// head (old contents) + data + tail (old contents) in one request, then the L2
     /// entry is switched to it and the old cluster's reference is dropped.
     fn allocating_write(&mut self, old: Mapping, data: &[u8], guest: u64) -> Result<()> {
-        if let Mapping::Compressed { .. } = old {
-            return Err(unsupported!(
-                "writing into compressed clusters is not supported yet (guest offset {guest:#x})"
-            ));
-        }
         let cs = self.cluster_size;
         let cluster_start = guest & !(cs - 1);
         let head_len = guest - cluster_start;
@@ -68,16 +63,22 @@ impl Meta {
             } => (h, true),
             _ => (self.alloc_clusters(1)?, false),
         };
-        let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect();
-        let written = self
-            .storage
-            .write_vectored_at(&pieces, host)
-            .map_err(Meta::io_err(format!(
-                "writing guest data to cluster at {host:#x}"
-            )));
+        let cow_is_zero = matches!(head, Cow::Borrowed(_)) && matches!(tail, Cow::Borrowed(_));
+        let fresh = cow_is_zero && host >= self.file_len;
+        let written = if fresh {
+            // A fresh cluster past the end of the file already reads as zeros there:
+            // only the guest data needs writing (QEMU zero-fills with fallocate).
+            self.storage.write_at(data, host + head_len)
+        } else {
+            let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect();
+            self.storage.write_vectored_at(&pieces, host)
+        }
+        .map_err(Meta::io_err(format!(
+            "writing guest data to cluster at {host:#x}"
+        )));
         if let Err(e) = written {
             if !reused {
                 // Give the cluster back; the old mapping still holds the old data.
@@ -86,6 +87,12 @@ impl Meta {
             return Err(e);
         }
         self.host_end = self.host_end.max(host + cs);
+        let written_end = if fresh {
+            host + head_len + data.len() as u64
+        } else {
+            host + cs
+        };
+        self.file_len = self.file_len.max(written_end);
         self.set_l2_entry(table, guest, host | COPIED)?;
         match old {
             Mapping::Normal { host: h, .. } => self.free_later(h, 1),
@@ -93,6 +100,10 @@ impl Meta {
                 host: Some(h),
                 copied: false,
             } => self.free_later(h, 1),
+            Mapping::Compressed { offset, len } => {
+                let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
+                self.free_later(first, count)
+            }
             _ => {}
         }
         Ok(())
@@ -113,12 +124,11 @@ impl Meta {
         let zeros = |len: u64| Cow::Borrowed(&ZEROS[..len as usize]);
         let (head_zero, tail_zero) = match old {
             Mapping::Zero { .. } => (true, true),
-            Mapping::Normal { .. } => (head_len == 0, tail_len == 0),
+            Mapping::Normal { .. } | Mapping::Compressed { .. } => (head_len == 0, tail_len == 0),
             Mapping::Unallocated => (
                 head_len == 0 || self.backing_reads_zero(cluster_start, head_len)?,
                 tail_len == 0 || self.backing_reads_zero(cluster_start + tail_start, tail_len)?,
             ),
-            Mapping::Compressed { .. } => unreachable!("rejected by the caller"),
         };
         match (head_zero, tail_zero) {
             (true, true) => Ok((zeros(head_len), zeros(tail_len))),
@@ -167,6 +177,12 @@ impl Meta {
                     )))
             }
             Mapping::Unallocated => self.read_backing(buf, cluster_start + within),
+            Mapping::Compressed { offset, len } => {
+                // Decompressed once per cluster: head and tail share the result.
+                let data = self.decompressed(offset, len)?;
+                buf.copy_from_slice(&data[within as usize..within as usize + buf.len()]);
+                Ok(())
+            }
             _ => {
                 buf.fill(0);
                 Ok(())

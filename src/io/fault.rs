@@ -161,4 +161,8 @@ impl Storage for FaultStorage {
     fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
         self.inner.extent_at(offset)
     }
+
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        self.inner.allocated_size()
+    }
 }

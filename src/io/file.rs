@@ -192,6 +192,7 @@ impl FileStorage {
         let len = (end - start) as usize;
         let mut bounce = AlignedBuf::new(len);
         let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let old_len = self.file.metadata()?.len();
         let a = DIRECT_ALIGN;
         if start < offset {
             self.pread_full(&mut bounce.as_mut_slice()[..a], start)?;
@@ -206,10 +207,10 @@ impl FileStorage {
         }
         self.pwritev_full(&[&bounce.as_slice()[..len]], start)?;
         // O_DIRECT writes whole blocks: give the file back its exact length when the
-        // write ended past the old end of file.
-        let file_len = self.file.metadata()?.len();
-        if file_len == end && offset + total < end {
-            self.file.set_len(offset + total)?;
+        // write's last block ran past the old end of file (never cutting off bytes the
+        // file already had there).
+        if end > old_len && offset + total < end {
+            self.file.set_len(old_len.max(offset + total))?;
         }
         Ok(())
     }
@@ -280,6 +281,11 @@ impl Storage for FileStorage {
         }
     }
 
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
     fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {
         let len = self.len()?;
         if offset >= len {
@@ -338,6 +344,26 @@ mod tests {
         s.read_at(&mut all, 0).unwrap();
         assert_eq!(&all[..4], b"\0XY\0");
         assert_eq!(&all[4095..], b"hello world");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn unaligned_direct_write_inside_the_last_block_keeps_the_length() {
+        // A small write into the last block of a block-aligned file (an L1 entry, a
+        // header field) once truncated the file to the write's end.
+        let path = scratch("direct-len");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let s = match FileStorage::open(&path, true, true) {
+            Ok(s) => s,
+            Err(_) => return, // no O_DIRECT on this file system
+        };
+        s.write_at(b"abc", 4096 + 48).unwrap();
+        assert_eq!(s.len().unwrap(), 8192);
+        s.write_at(b"xyz", 8190).unwrap(); // past the end: the file grows to 8193
+        assert_eq!(s.len().unwrap(), 8193);
+        let mut buf = [0u8; 5];
+        s.read_at(&mut buf, 4096 + 47).unwrap();
+        assert_eq!(&buf, b"\x07abc\x07");
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -40,6 +40,11 @@ pub trait Storage: Send + Sync {
         let _ = offset;
         Ok(None)
     }
+    /// Bytes the storage really occupies on its device (a sparse file's blocks);
+    /// `None` when unknown.
+    fn allocated_size(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
     /// True when the storage holds no bytes.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)

@@ -133,3 +133,33 @@ pub fn qemu_read_raw(image: &Path, scratch: &Scratch) -> Vec<u8> {
     std::fs::remove_file(&out).unwrap();
     data
 }
+
+/// True when files in `dir` can be opened with O_DIRECT (tmpfs refuses it).
+pub fn supports_direct(dir: &Path) -> bool {
+    let probe = dir.join(".direct-probe");
+    let _ = std::fs::write(&probe, [0u8; 4096]);
+    let ok = cowdisk::io::FileStorage::open(&probe, true, true).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// A scratch folder on a file system that supports O_DIRECT: the temporary folder, or
+/// one under the target folder. `None` (with a notice) when neither does.
+pub fn direct_scratch(name: &str) -> Option<Scratch> {
+    let s = Scratch::new(name);
+    if supports_direct(&s.0) {
+        return Some(s);
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cowdisk-direct-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = Scratch(dir);
+    if supports_direct(&s.0) {
+        return Some(s);
+    }
+    eprintln!(
+        "NOTICE: no file system here supports O_DIRECT; skipping the O_DIRECT part of {name}"
+    );
+    None
+}

@@ -15,11 +15,12 @@ this package, then the repository's ``target/release`` and ``target/debug``.
 """
 
 from ._errors import Error, strerror
-from ._image import Image, ImageInfo, create, open, version
+from ._image import Extent, Image, ImageInfo, create, open, version
 from ._native import lib_path as library_path
 
 __all__ = [
     "Error",
+    "Extent",
     "Image",
     "ImageInfo",
     "create",
@@ -31,6 +32,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _obj in (Error, Image, ImageInfo):
+for _obj in (Error, Extent, Image, ImageInfo):
     _obj.__module__ = __name__
 del _obj

@@ -7,6 +7,7 @@ import operator
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import _native
@@ -108,6 +109,69 @@ class ImageInfo:
             backing_file=text(s.backing_file),
             backing_format=text(s.backing_format),
         )
+
+
+# --- block status -------------------------------------------------------------------------
+
+# Extents fetched per cowdisk_block_status call.
+_EXTENT_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes with the same status, as listed by :meth:`Image.map`.
+
+    The fields mean what they mean in ``qemu-img map --output=json``.
+
+    Attributes:
+        start: guest offset of the first byte.
+        length: length in bytes.
+        depth: layer of the backing chain that decides the bytes (0 = this image).
+        present: some layer allocates the bytes (as data or as zeros).
+        zero: the bytes read as zeros.
+        data: the bytes are stored as data.
+        compressed: the bytes are in a compressed cluster.
+        offset: host offset of the first byte in the file of layer ``depth``, or
+            ``None`` when there is none (unallocated, zero or compressed clusters).
+    """
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    compressed: bool
+    offset: int | None
+
+    @classmethod
+    def _from_c(cls, e: _native.Extent) -> "Extent":
+        return cls(
+            start=e.start,
+            length=e.length,
+            depth=e.depth,
+            present=bool(e.flags & _native.EXTENT_PRESENT),
+            zero=bool(e.flags & _native.EXTENT_ZERO),
+            data=bool(e.flags & _native.EXTENT_DATA),
+            compressed=bool(e.flags & _native.EXTENT_COMPRESSED),
+            offset=e.offset if e.flags & _native.EXTENT_OFFSET_VALID else None,
+        )
+
+    def _continued_by(self, nxt: "Extent") -> bool:
+        """True when ``nxt`` continues this extent with the same status."""
+        if self.start + self.length != nxt.start:
+            return False
+        if (self.depth, self.present, self.zero, self.data, self.compressed) != (
+            nxt.depth,
+            nxt.present,
+            nxt.zero,
+            nxt.data,
+            nxt.compressed,
+        ):
+            return False
+        if self.offset is None or nxt.offset is None:
+            return self.offset is None and nxt.offset is None
+        return self.offset + self.length == nxt.offset
 
 
 # --- the handle ---------------------------------------------------------------------------
@@ -214,9 +278,116 @@ class Image:
             self._call(_lib.cowdisk_pwrite, pin.address, pin.nbytes, offset)
             return pin.nbytes
 
+    def pwrite_compressed(self, data, offset: int) -> int:
+        """Writes ``data`` at guest ``offset`` as compressed clusters (the image's
+        compression type, zlib or zstd); returns its length.
+
+        ``offset`` must be cluster-aligned and ``data`` whole clusters (only the image's
+        last cluster may be partial). The clusters must be unallocated in this image, as
+        QEMU requires (``errno.EINVAL`` otherwise, and nothing is written). Clusters
+        that do not compress are stored normally. Compression runs on all cores.
+        """
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        try:
+            pin = Pinned(data, writable=False)
+        except BufferError:
+            pin = Pinned(memoryview(data).tobytes(), writable=False)  # non-contiguous
+        with pin:
+            self._call(_lib.cowdisk_pwrite_compressed, pin.address, pin.nbytes, offset)
+            return pin.nbytes
+
     def flush(self) -> None:
         """Makes everything written so far durable on the host storage."""
         self._call(_lib.cowdisk_flush)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Makes guest ``[offset, offset+length)`` read as zeros, whatever the backing
+        chain holds. No alignment needed; whole clusters become zero clusters, and with
+        ``may_unmap`` their host clusters are released too. Out of range is
+        ``errno.EINVAL``; a read-only image gives ``errno.EROFS``.
+        """
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        length = _uint(_length(length), "length", _U64_MAX, self.path)
+        flags = _native.ZEROES_MAY_UNMAP if may_unmap else 0
+        self._call(_lib.cowdisk_write_zeroes, offset, length, flags)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Releases the whole clusters of guest ``[offset, offset+length)``; partial
+        clusters at the edges are left unchanged. Released clusters read as zeros (on a
+        v2 image with a backing file: as the backing file). With ``discard_unmap`` (see
+        :func:`cowdisk.open`) the freed space is punched out of the image file.
+        """
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        length = _uint(_length(length), "length", _U64_MAX, self.path)
+        self._call(_lib.cowdisk_discard, offset, length)
+
+    def resize(self, size: int, force: bool = False) -> None:
+        """Changes the virtual size to ``size`` bytes (a multiple of 512).
+
+        Growing always works; the new bytes read as zeros. Shrinking raises
+        :class:`cowdisk.Error` with ``errno.EINVAL`` when data is allocated past the new
+        end, unless ``force`` (that data is then discarded); images with internal
+        snapshots cannot shrink (``errno.ENOTSUP``).
+        """
+        size = _uint(size, "size", _U64_MAX, self.path)
+        flags = _native.RESIZE_FORCE if force else 0
+        self._call(_lib.cowdisk_resize_ex, size, flags)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Yields the :class:`Extent` list of guest ``[offset, offset+length)`` (to the
+        end of the image when ``length`` is None; clamped to the virtual size), fetched
+        from the library in batches. Adjacent extents with the same status are merged,
+        so the result equals ``qemu-img map --output=json`` for the same range.
+        """
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        if length is None:
+            end = _U64_MAX
+        else:
+            end = min(offset + _length(length), _U64_MAX)
+        buf = (_native.Extent * _EXTENT_BATCH)()
+        count = ctypes.c_size_t()
+        pending = None
+        pos = offset
+        while pos < end:
+            self._call(
+                _lib.cowdisk_block_status,
+                pos,
+                end - pos,
+                buf,
+                _EXTENT_BATCH,
+                ctypes.byref(count),
+            )
+            if count.value == 0:  # pos is the end of the image
+                break
+            for i in range(count.value):
+                e = Extent._from_c(buf[i])
+                if pending is None:
+                    pending = e
+                elif pending._continued_by(e):
+                    pending = Extent(
+                        pending.start,
+                        pending.length + e.length,
+                        pending.depth,
+                        pending.present,
+                        pending.zero,
+                        pending.data,
+                        pending.compressed,
+                        pending.offset,
+                    )
+                else:
+                    yield pending
+                    pending = e
+            last = buf[count.value - 1]
+            nxt = last.start + last.length
+            if nxt <= pos:
+                raise RuntimeError(f"cowdisk_block_status made no progress at offset {pos}")
+            pos = nxt
+        if pending is not None:
+            yield pending
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Returns :meth:`extents` as a list: like ``qemu-img map --output=json``."""
+        return list(self.extents(offset, length))
 
     @property
     def info(self) -> ImageInfo:
@@ -312,13 +483,22 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     follow_backing: bool = True,
     l2_cache_size: int = 0,
     max_backing_depth: int = 0,
+    discard_unmap: bool = False,
+    compressed_cache: bool = True,
+    compressed_cache_size: int = 0,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
     ``readonly`` forbids writes; ``direct`` uses O_DIRECT; ``follow_backing=False``
     refuses to open backing files named in the image (reads of unallocated clusters then
     fail with ``errno.ENOTSUP``); ``l2_cache_size`` is in bytes (0 = enough for the whole
-    disk, up to 32 MiB); ``max_backing_depth`` limits the chain (0 = 32).
+    disk, up to 32 MiB); ``max_backing_depth`` limits the chain (0 = 32);
+    ``discard_unmap`` punches clusters freed by :meth:`Image.discard` (and by
+    ``write_zeroes`` with ``may_unmap``) out of the image file, like QEMU's
+    ``discard=unmap``. ``compressed_cache`` gathers compressed clusters written by
+    :meth:`Image.pwrite_compressed` into whole host clusters written with aligned writes
+    (``compressed_cache_size`` bytes of memory, 0 = 4 MiB); without it each compressed
+    cluster is written on its own, as QEMU does.
 
     Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EINVAL`` for a
     file that is not qcow2, ``ENOTSUP`` for unsupported features, ``EIO`` for corrupt
@@ -333,9 +513,16 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         flags |= _native.OPEN_DIRECT
     if not follow_backing:
         flags |= _native.OPEN_NO_BACKING
+    if discard_unmap:
+        flags |= _native.OPEN_DISCARD_UNMAP
+    if not compressed_cache:
+        flags |= _native.OPEN_NO_COMPRESSED_CACHE
     opts.flags = flags
     opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
     opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)
+    opts.compressed_cache_size = _uint(
+        compressed_cache_size, "compressed_cache_size", _U64_MAX, path
+    )
     handle = _native.Handle()
     check(_lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle)), path)
     return Image(handle.value, os.fspath(path), bool(readonly))

@@ -30,6 +30,8 @@ ENV_VAR = "COWDISK_LIB"
 OPEN_READONLY = 1
 OPEN_DIRECT = 2
 OPEN_NO_BACKING = 4
+OPEN_DISCARD_UNMAP = 8
+OPEN_NO_COMPRESSED_CACHE = 16
 
 CREATE_LAZY_REFCOUNTS = 1
 
@@ -37,6 +39,16 @@ INFO_READONLY = 1
 INFO_LAZY_REFCOUNTS = 2
 INFO_DIRTY = 4
 INFO_CORRUPT = 8
+
+ZEROES_MAY_UNMAP = 1
+
+RESIZE_FORCE = 1
+
+EXTENT_DATA = 1
+EXTENT_ZERO = 2
+EXTENT_PRESENT = 4
+EXTENT_COMPRESSED = 8
+EXTENT_OFFSET_VALID = 16
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -69,6 +81,7 @@ class OpenOpts(Structure):
         ("l2_cache_size", c_uint64),
         ("max_backing_depth", c_uint32),
         ("reserved", c_uint32),
+        ("compressed_cache_size", c_uint64),
     ]
 
 
@@ -91,6 +104,18 @@ class Info(Structure):
     ]
 
 
+class Extent(Structure):
+    """``struct cowdisk_extent`` (an output array element; no ``struct_size``)."""
+
+    _fields_ = [
+        ("start", c_uint64),
+        ("length", c_uint64),
+        ("offset", c_uint64),
+        ("flags", c_uint32),
+        ("depth", c_uint32),
+    ]
+
+
 def new_struct(cls):
     """Returns a zeroed instance of an option/info struct with ``struct_size`` set."""
     s = cls()
@@ -108,8 +133,17 @@ _FUNCTIONS = {
     "cowdisk_close": (c_int, [Handle]),
     "cowdisk_pread": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_pwrite": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
+    "cowdisk_pwrite_compressed": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_flush": (c_int, [Handle]),
     "cowdisk_get_info": (c_int, [Handle, POINTER(Info)]),
+    "cowdisk_write_zeroes": (c_int, [Handle, c_uint64, c_uint64, c_uint32]),
+    "cowdisk_discard": (c_int, [Handle, c_uint64, c_uint64]),
+    "cowdisk_resize": (c_int, [Handle, c_uint64]),
+    "cowdisk_resize_ex": (c_int, [Handle, c_uint64, c_uint32]),
+    "cowdisk_block_status": (
+        c_int,
+        [Handle, c_uint64, c_uint64, POINTER(Extent), c_size_t, POINTER(c_size_t)],
+    ),
     "cowdisk_last_error": (c_char_p, []),
     "cowdisk_strerror": (c_char_p, [c_int]),
     "cowdisk_version": (c_char_p, []),

@@ -55,6 +55,7 @@ def test_struct_layout_matches_c_compiler(tmp_path):
         "cowdisk_create_opts": _native.CreateOpts,
         "cowdisk_open_opts": _native.OpenOpts,
         "cowdisk_info": _native.Info,
+        "cowdisk_extent": _native.Extent,
     }
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "cowdisk.h"', "int main(void) {"]
     for cname, cls in structs.items():

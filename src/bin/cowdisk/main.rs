@@ -1,8 +1,13 @@
 //! `cowdisk`: a command-line tool over the cowdisk qcow2 library, modelled on
-//! `qemu-img` (`create`, `info`) and `qemu-io` (`read`, `write`).
+//! `qemu-img` (`create`, `info`, `map`, `resize`) and `qemu-io` (`read`, `write`,
+//! `zero`, `discard`).
 //!
 //! Errors print `cowdisk: <message>` on stderr and exit with status 1.
 
+/// `cowdisk bench`.
+mod bench;
+/// `cowdisk map`, `zero`, `discard` and `resize`.
+mod blocks;
 /// `cowdisk create`.
 mod create;
 /// `cowdisk info`.
@@ -16,7 +21,7 @@ use clap::{Parser, Subcommand};
 use std::fmt;
 use std::process::ExitCode;
 
-/// Create, inspect, read and write qcow2 images.
+/// Create, inspect, read, write, map and resize qcow2 images.
 #[derive(Debug, Parser)]
 #[command(name = "cowdisk", version, propagate_version = true)]
 struct Cli {
@@ -36,6 +41,16 @@ enum Command {
     Write(rw::WriteArgs),
     /// Read from an image: verify a pattern, save to a file, or hexdump (like `qemu-io -c read`).
     Read(rw::ReadArgs),
+    /// Show how guest bytes map to the files of the chain (like `qemu-img map`); opens it read-only.
+    Map(blocks::MapArgs),
+    /// Make a range read as zeros (like `qemu-io -c 'write -z'`).
+    Zero(blocks::ZeroArgs),
+    /// Release the whole clusters of a range (like `qemu-io -c discard`).
+    Discard(blocks::DiscardArgs),
+    /// Change the virtual size (like `qemu-img resize`).
+    Resize(blocks::ResizeArgs),
+    /// Time a stream of reads or writes (like `qemu-img bench`, same options).
+    Bench(bench::BenchArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -109,6 +124,11 @@ impl<T> Context<T> for std::io::Result<T> {
 
 /// Parses the command line, runs the subcommand, and turns errors into `cowdisk: ...` on stderr with exit status 1.
 fn main() -> ExitCode {
+    // Like other Unix tools, die quietly when stdout is closed (`cowdisk info | head`).
+    // SAFETY: restoring the default disposition of a signal at startup.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -132,6 +152,11 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Write(args) => rw::run_write(args),
         Command::Read(args) => rw::run_read(args),
+        Command::Map(args) => blocks::run_map(args),
+        Command::Zero(args) => blocks::run_zero(args),
+        Command::Discard(args) => blocks::run_discard(args),
+        Command::Resize(args) => blocks::run_resize(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

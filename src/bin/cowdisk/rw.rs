@@ -24,6 +24,11 @@ pub struct WriteArgs {
     /// Flush the image to stable storage before closing it.
     #[arg(long = "flush")]
     flush: bool,
+    /// Store the data as compressed clusters (the image's compression type, zlib or
+    /// zstd). OFFSET must be cluster-aligned and LENGTH whole clusters (the image's last
+    /// cluster may be partial); the clusters must be unallocated in the image.
+    #[arg(short = 'c', long = "compressed")]
+    compressed: bool,
     /// The image to write to.
     #[arg(value_name = "IMAGE")]
     image: PathBuf,
@@ -115,7 +120,14 @@ pub fn run_write(args: WriteArgs) -> CliResult {
 
     let image = open(&args.image, false)?;
     check_range(&image, "write", args.offset, length)?;
-    let mut buf = vec![pattern; CHUNK.min(usize::try_from(length).unwrap_or(CHUNK))];
+    // Compressed writes go by whole clusters: chunks are a multiple of the cluster size.
+    let cs = image.info().cluster_size as usize;
+    let chunk = if args.compressed {
+        (CHUNK / cs).max(1) * cs
+    } else {
+        CHUNK
+    };
+    let mut buf = vec![pattern; chunk.min(usize::try_from(length).unwrap_or(chunk))];
     let mut done = 0u64;
     while done < length {
         let n = (length - done).min(buf.len() as u64) as usize;
@@ -124,9 +136,12 @@ pub fn run_write(args: WriteArgs) -> CliResult {
                 .context(|| format!("could not read '{}'", path.display()))?;
         }
         let at = args.offset + done;
-        image
-            .write_at(&buf[..n], at)
-            .context(|| format!("write of {n} bytes at offset {at} failed"))?;
+        let written = if args.compressed {
+            image.write_compressed(&buf[..n], at)
+        } else {
+            image.write_at(&buf[..n], at)
+        };
+        written.context(|| format!("write of {n} bytes at offset {at} failed"))?;
         done += n as u64;
     }
     if args.flush {
@@ -135,7 +150,8 @@ pub fn run_write(args: WriteArgs) -> CliResult {
     image
         .close()
         .context(|| format!("could not close '{}'", args.image.display()))?;
-    println!("wrote {length} bytes at offset {}", args.offset);
+    let how = if args.compressed { " compressed" } else { "" };
+    println!("wrote {length} bytes{how} at offset {}", args.offset);
     Ok(())
 }
 
