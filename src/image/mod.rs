@@ -14,6 +14,7 @@ mod open;
 mod options;
 mod read;
 mod refcount;
+mod repair;
 mod resize;
 mod snapshot;
 mod status;

@@ -8,15 +8,15 @@ use super::backing::Backing;
 use super::cache::TableCache;
 use super::meta::{Meta, RefcountState};
 use super::OpenOptions;
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::io::Storage;
-use crate::{corrupt, unsupported};
 
 /// Upper bound of the default L2 cache (QEMU's too).
 const MAX_DEFAULT_L2_CACHE: u64 = 32 * 1024 * 1024;
 /// Refcount blocks kept in memory.
-const REFCOUNT_CACHE_BLOCKS: usize = 16;
+pub(crate) const REFCOUNT_CACHE_BLOCKS: usize = 16;
 
 fn read_exact(storage: &dyn Storage, len: u64, offset: u64, what: &str) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -58,13 +58,6 @@ pub(crate) fn open_meta(
     if !opts.read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
         return Err(corrupt!(
             "the image is marked corrupt; it can only be opened read-only"
-        ));
-    }
-    if !opts.read_only && header.incompatible_features & INCOMPAT_DIRTY != 0 {
-        return Err(unsupported!(
-            "the image was not closed cleanly (dirty bit set) and its refcounts need \
-             repair before it can be written; open it read-only, or repair it with \
-             'qemu-img check -r all'"
         ));
     }
 
@@ -142,6 +135,11 @@ pub(crate) fn open_meta(
     };
 
     meta.snapshots = meta.read_snapshot_table()?;
+    if !meta.read_only && meta.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+        // Lazy refcounts and an unclean close: the refcounts on disk may be stale.
+        // Rebuild them before anything is allocated (QEMU repairs on open too).
+        meta.rebuild_refcounts()?;
+    }
 
     if !meta.read_only && meta.header.version >= 3 && meta.header.autoclear_features != 0 {
         // We do not maintain what autoclear features describe (bitmaps), so, as QEMU
