@@ -260,6 +260,80 @@ typedef struct cowdisk_extent {
   uint32_t depth;
 } cowdisk_extent;
 
+/**
+ * Options for [`cowdisk_snapshot_create`]. A zero-filled struct records a disk-only
+ * snapshot (like `qemu-img snapshot -c`, which records icount 0).
+ */
+typedef struct cowdisk_snapshot_opts {
+  /**
+   * Set to `sizeof(cowdisk_snapshot_opts)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Reserved, set to 0.
+   */
+  uint32_t flags;
+  /**
+   * Bytes of VM state saved with `cowdisk_save_vmstate()` (and finalized) to record
+   * in the snapshot; 0 for a disk-only snapshot.
+   */
+  uint64_t vm_state_size;
+  /**
+   * Guest clock in nanoseconds.
+   */
+  uint64_t vm_clock_nsec;
+  /**
+   * Instruction count for record/replay, or -1 for none.
+   */
+  int64_t icount;
+} cowdisk_snapshot_opts;
+
+/**
+ * One internal snapshot, filled by [`cowdisk_snapshot_list`].
+ */
+typedef struct cowdisk_snapshot_info {
+  /**
+   * Set by the caller (in the first array element) to `sizeof(cowdisk_snapshot_info)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Creation time: seconds since the Unix epoch.
+   */
+  uint32_t date_sec;
+  /**
+   * Creation time: nanoseconds.
+   */
+  uint32_t date_nsec;
+  /**
+   * Reserved, written as 0.
+   */
+  uint32_t reserved;
+  /**
+   * Bytes of VM state recorded (0 = disk-only snapshot).
+   */
+  uint64_t vm_state_size;
+  /**
+   * Guest clock when the snapshot was taken, in nanoseconds.
+   */
+  uint64_t vm_clock_nsec;
+  /**
+   * Virtual disk size when the snapshot was taken.
+   */
+  uint64_t disk_size;
+  /**
+   * Instruction count for record/replay, -1 when none.
+   */
+  int64_t icount;
+  /**
+   * Unique id, NUL-terminated (truncated to fit).
+   */
+  char id[128];
+  /**
+   * Name, NUL-terminated (truncated to fit).
+   */
+  char name[1024];
+} cowdisk_snapshot_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -470,6 +544,124 @@ const char *cowdisk_strerror(int code);
  * Ownership: static, must not be freed. Thread-safe.
  */
 const char *cowdisk_version(void);
+
+/**
+ * Creates an internal snapshot named `name` of the active image, with the next free
+ * numeric id (one more than the largest), as `qemu-img snapshot -c` does.
+ *
+ * `opts` may be NULL for a disk-only snapshot. With `opts->vm_state_size > 0`, the VM
+ * state saved with [`cowdisk_save_vmstate`] is recorded in the snapshot (buffered
+ * state is finalized first) and dropped from the active image; when saving it failed,
+ * that error is returned and nothing is recorded. Names need not be unique (at most
+ * 1023 bytes, UTF-8). The date is taken from the system clock.
+ *
+ * Errors: `-EINVAL` for a NULL or too long name or bad options, `-EROFS` read-only,
+ * `-ENOTSUP` when the image's refcount width cannot count another reference, host
+ * errors as their errno. Thread-safe; saves of VM state wait until it is done.
+ *
+ * # Safety
+ * `img` must be a live handle, `name` a valid NUL-terminated string, `opts` NULL or
+ * valid with `struct_size` set.
+ */
+int cowdisk_snapshot_create(struct cowdisk *img,
+                            const char *name,
+                            const struct cowdisk_snapshot_opts *opts);
+
+/**
+ * Reverts the active image to the snapshot whose id is `id_or_name`, or else the
+ * first whose name is: its data, its virtual size, and its VM state (read it with
+ * [`cowdisk_load_vmstate`]). What only the active image held is released.
+ *
+ * Errors: `-ENOENT` no such snapshot, `-EROFS` read-only, `-ENOTSUP` when the refcount
+ * width cannot count another reference, host errors as their errno. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `id_or_name` a valid NUL-terminated string.
+ */
+int cowdisk_snapshot_goto(struct cowdisk *img, const char *id_or_name);
+
+/**
+ * Deletes the snapshot whose id is `id_or_name`, or else the first whose name is,
+ * releasing the clusters only it referenced.
+ *
+ * Errors: `-ENOENT` no such snapshot, `-EROFS` read-only, host errors as their errno.
+ * Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `id_or_name` a valid NUL-terminated string.
+ */
+int cowdisk_snapshot_delete(struct cowdisk *img, const char *id_or_name);
+
+/**
+ * Lists the internal snapshots in table order.
+ *
+ * `*count` receives the number of snapshots the image has; the first
+ * `min(max, *count)` of them are written to `out`. When `*count > max`, call again
+ * with a larger array. The caller sets `out[0].struct_size` to
+ * `sizeof(cowdisk_snapshot_info)`: it is the array's element size, and only that many
+ * bytes of each element are written. `out` may be NULL when `max` is 0.
+ *
+ * Errors: `-EINVAL` for a NULL `count`, a NULL `out` with `max > 0` or a bad
+ * `struct_size`. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `count` a valid pointer; `out` valid for `max`
+ * elements of `out[0].struct_size` bytes.
+ */
+int cowdisk_snapshot_list(struct cowdisk *img,
+                          struct cowdisk_snapshot_info *out,
+                          size_t max,
+                          size_t *count);
+
+/**
+ * Saves `len` bytes of VM state from `buf` at position `pos` (bytes from the start of
+ * the state), for a snapshot taken afterwards with [`cowdisk_snapshot_create`].
+ *
+ * Sequential saves (each starting where the previous one ended) are copied into a
+ * buffer of max(1 MiB, cluster size); full buffers are written by up to 8 background
+ * threads while the caller goes on, with at most 9 buffers in memory (a save blocks
+ * while all writers are busy). A save at another position first hands over what is
+ * buffered, then is written before the call returns. The state lives past the
+ * virtual disk at QEMU's offset, so QEMU loads it too.
+ *
+ * Call [`cowdisk_finalize_vmstate`] to wait for the writes and learn about failures.
+ * After a failure, every later save (and finalize) fails at once with the same error
+ * for the life of the handle.
+ *
+ * Errors: `-EINVAL` for a NULL buffer or a range past what the image can address,
+ * `-EROFS` read-only, the first background write error. Thread-safe; saves from
+ * several threads are serialised.
+ *
+ * # Safety
+ * `img` must be a live handle; `buf` valid for `len` readable bytes.
+ */
+int cowdisk_save_vmstate(struct cowdisk *img, const void *buf, size_t len, uint64_t pos);
+
+/**
+ * Reads `len` bytes of VM state at position `pos` of the active image into `buf`
+ * (after [`cowdisk_snapshot_goto`]: the snapshot's state). Bytes never saved read as
+ * zeros. Reads go through a read-ahead of one buffer size (max(1 MiB, cluster
+ * size)), so small sequential reads are cheap. State still buffered is written first.
+ *
+ * Errors: `-EINVAL` for a NULL buffer or a range past what the image can address,
+ * host errors as their errno. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `buf` valid for `len` writable bytes.
+ */
+int cowdisk_load_vmstate(struct cowdisk *img, void *buf, size_t len, uint64_t pos);
+
+/**
+ * Writes the VM state still buffered, waits for every background write and returns
+ * the first error any save met (0 when all of it is written). `cowdisk_close()`
+ * finalizes too.
+ *
+ * Errors: the first write error of the saves (e.g. `-EIO`, `-ENOSPC`). Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle.
+ */
+int cowdisk_finalize_vmstate(struct cowdisk *img);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -14,6 +14,7 @@
 mod compress;
 mod errors;
 mod options;
+mod snapshot;
 
 use std::ffi::{c_char, c_int, CStr};
 use std::path::PathBuf;
@@ -24,6 +25,11 @@ use crate::image::Image;
 pub use compress::cowdisk_pwrite_compressed;
 pub use errors::{cowdisk_last_error, cowdisk_strerror, cowdisk_version};
 pub use options::{cowdisk_create_opts, cowdisk_info, cowdisk_open_opts};
+pub use snapshot::{
+    cowdisk_finalize_vmstate, cowdisk_load_vmstate, cowdisk_save_vmstate, cowdisk_snapshot_create,
+    cowdisk_snapshot_delete, cowdisk_snapshot_goto, cowdisk_snapshot_info, cowdisk_snapshot_list,
+    cowdisk_snapshot_opts,
+};
 
 use errors::{guard, guard_handle};
 

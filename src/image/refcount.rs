@@ -303,25 +303,48 @@ impl Meta {
     /// of the first. The refcounts are in the cache; they reach the disk before any L2
     /// table that points to them (see `flush_metadata`).
     pub(crate) fn alloc_clusters(&mut self, count: u64) -> Result<u64> {
+        let per_block = 1u64 << self.rb_bits;
+        // Clusters wanted after the run for refcount blocks that cannot describe
+        // themselves (see below).
+        let mut extra = 0u64;
         loop {
-            let start = self.find_free_run(count)?;
+            let start = self.find_free_run(count + extra)?;
             if !self.rc.pending_frees.is_empty()
-                && (start + count) << self.cluster_bits > self.host_end
+                && (start + count + extra) << self.cluster_bits > self.host_end
             {
                 // The file would grow while freed clusters wait for a metadata flush:
                 // flush now so they can be reused.
                 self.flush_metadata()?;
                 continue;
             }
-            let mut created = false;
-            for index in self.block_index(start)..=self.block_index(start + count - 1) {
+            let last = start + count + extra - 1;
+            let mut missing = Vec::new();
+            for index in self.block_index(start)..=self.block_index(last) {
                 if self.block_offset(index)?.is_none() {
-                    self.create_refcount_block(index)?;
-                    created = true;
+                    missing.push(index);
                 }
             }
-            if created {
-                continue; // new blocks may sit inside the run we found: look again
+            if !missing.is_empty() {
+                if count < per_block {
+                    // Self-describing blocks at the start of their ranges; the run
+                    // still fits in a range after its block.
+                    for &index in &missing {
+                        self.create_refcount_block(index)?;
+                    }
+                    continue; // new blocks may sit inside the run we found: look again
+                }
+                // A run longer than a block's range cannot step over blocks at the
+                // start of each range: the new blocks go right after the run.
+                let last_index = *missing.last().expect("not empty");
+                if last_index >= self.rc.table.len() {
+                    self.grow_refcount_table(last_index + 1)?;
+                    continue;
+                }
+                if missing.len() as u64 > extra {
+                    extra = missing.len() as u64;
+                    continue;
+                }
+                self.place_refcount_blocks(&missing, start + count)?;
             }
             for cluster in start..start + count {
                 if self.refcount(cluster)? != 0 {
@@ -340,6 +363,51 @@ impl Meta {
             self.rc.free_hint = start + count;
             return Ok(offset);
         }
+    }
+
+    /// Places new, empty refcount blocks for the block indexes `indexes` (missing, and
+    /// inside the refcount table) at the free clusters from cluster `at` on; each is
+    /// counted in whichever block describes its own cluster (one of the new ones, or
+    /// an existing one). Blocks are written and flushed before the table points to
+    /// them.
+    fn place_refcount_blocks(&mut self, indexes: &[usize], at: u64) -> Result<()> {
+        let order = self.header.refcount_order;
+        let mask = (1u64 << self.rb_bits) - 1;
+        let mut blocks: Vec<(usize, u64, Box<[u8]>)> = indexes
+            .iter()
+            .enumerate()
+            .map(|(k, &index)| {
+                let block = vec![0u8; self.cluster_size as usize].into_boxed_slice();
+                (index, at + k as u64, block)
+            })
+            .collect();
+        for k in 0..blocks.len() {
+            let cluster = blocks[k].1;
+            let describing = self.block_index(cluster);
+            match blocks.iter().position(|(index, _, _)| *index == describing) {
+                Some(j) => refcount::set(&mut blocks[j].2, (cluster & mask) as usize, order, 1)?,
+                None => self.set_refcount(cluster, 1)?,
+            }
+        }
+        for (_, cluster, data) in &blocks {
+            self.write_host("new refcount block", data, cluster << self.cluster_bits)?;
+        }
+        self.write_dirty_refcount_blocks()?;
+        self.sync()?;
+        for (index, cluster, data) in blocks {
+            let offset = cluster << self.cluster_bits;
+            self.rc.table[index] = offset;
+            let entry_off = self.header.refcount_table_offset + index as u64 * 8;
+            self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
+            if let Some((victim, dirty)) = self.rc.blocks.victim() {
+                if dirty {
+                    self.write_refcount_block(victim)?;
+                }
+                self.rc.blocks.remove(victim);
+            }
+            self.rc.blocks.insert(offset, data, false);
+        }
+        Ok(())
     }
 
     /// Schedules a refcount decrement for `count` clusters at `offset`, applied at the

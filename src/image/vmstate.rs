@@ -133,24 +133,8 @@ impl Meta {
         for l1_index in first_l1..=last_l1 {
             self.writable_l2_table(l1_index)?;
         }
-        // A self-describing refcount block sits at the start of each block's range,
-        // so no run of fresh clusters is longer than one block describes.
-        let max_run = ((1u64 << self.rb_bits) - 1).max(1);
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut left = clusters;
-        while left > 0 {
-            let n = left.min(max_run);
-            match self.alloc_clusters(n) {
-                Ok(host) => runs.push((host, n)),
-                Err(e) => {
-                    for &(host, n) in &runs {
-                        self.update_refcounts(host, n, false)?;
-                    }
-                    return Err(e);
-                }
-            }
-            left -= n;
-        }
+        let host = self.alloc_clusters(clusters)?;
+        let runs = vec![(host, clusters)];
         Ok(Plan::Fresh { runs, guest })
     }
 
@@ -256,12 +240,19 @@ struct PoolState {
 
 struct Pool {
     meta: Arc<Mutex<Meta>>,
+    /// Ranges conflict when they touch the same cluster, not only the same bytes: a
+    /// fresh-cluster write pads its last cluster with zeros.
+    cluster_size: u64,
     state: Mutex<PoolState>,
     changed: Condvar,
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+/// True when the byte ranges `a` and `b` share a cluster of `cs` bytes.
+fn overlaps(a: (u64, u64), b: (u64, u64), cs: u64) -> bool {
+    let span = |r: (u64, u64)| (r.0 / cs * cs, (r.0 + r.1).div_ceil(cs) * cs);
+    let (a0, a1) = span(a);
+    let (b0, b1) = span(b);
+    a0 < b1 && b0 < a1
 }
 
 impl Pool {
@@ -301,7 +292,8 @@ impl Pool {
             if let Some(e) = &st.error {
                 return Err(clone_error(e));
             }
-            let busy = st.in_flight.iter().any(|&r| overlaps(r, range))
+            let cs = self.cluster_size;
+            let busy = st.in_flight.iter().any(|&r| overlaps(r, range, cs))
                 || (job && st.in_flight.len() >= MAX_WORKERS);
             if !busy {
                 return Ok(st);
@@ -370,10 +362,18 @@ impl Pool {
                     st.idle -= 1;
                 }
             };
-            // After a failure nothing more is written.
+            // After a failure nothing more is written. A panic (a bug) must not leave
+            // the job in flight forever: it becomes the pool's error.
             let result = match self.error() {
                 Some(_) => Ok(()),
-                None => write_state(&self.meta, &buf, pos),
+                None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    write_state(&self.meta, &buf, pos)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Error::Broken(
+                        "a VM state writer thread panicked (please report)".into(),
+                    ))
+                }),
             };
             let mut st = self.lock();
             if let Some(i) = st
@@ -457,6 +457,7 @@ impl VmState {
             }),
             pool: Arc::new(Pool {
                 meta,
+                cluster_size,
                 state: Mutex::new(PoolState {
                     queue: VecDeque::new(),
                     in_flight: Vec::new(),
@@ -534,6 +535,27 @@ impl VmState {
             }
         }
         Ok(())
+    }
+
+    /// Writes straight through, like a save that is not sequential.
+    fn save_unbuffered(&self, data: &[u8], pos: u64) -> Result<()> {
+        let mut w = self.writer();
+        if let Some(e) = self.pool.error() {
+            return Err(e);
+        }
+        w.readahead = None;
+        self.hand_over(&mut w)?;
+        self.refresh_limit(&mut w)?;
+        let end = pos.checked_add(data.len() as u64).filter(|&e| e <= w.limit);
+        let Some(end) = end else {
+            return Err(Error::InvalidArgument(format!(
+                "VM state of {} bytes at position {pos} exceeds the {} bytes this image can hold",
+                data.len(),
+                w.limit
+            )));
+        };
+        w.next_pos = Some(end);
+        self.pool.write_now(pos, data)
     }
 
     /// Hands the buffered bytes to the pool.
@@ -644,6 +666,13 @@ impl Image {
     /// with the same error.
     pub fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
         self.vmstate.save(buf, pos)
+    }
+
+    /// Saves VM state the way QEMU does: straight through the cluster path before
+    /// returning, without the buffer and the pool (for comparisons and benchmarks;
+    /// [`Image::save_vmstate`] is the fast way).
+    pub fn save_vmstate_unbuffered(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.vmstate.save_unbuffered(buf, pos)
     }
 
     /// Writes the buffered VM state, waits for the workers and returns the first

@@ -20,28 +20,140 @@ type CowRegions = (Cow<'static, [u8]>, Cow<'static, [u8]>);
 /// Head and tail regions closer than this are read with a single request.
 const COW_MERGE_GAP: u64 = 16 * 1024;
 
+/// True for mappings whose cluster simply gets a new host cluster on write (not an
+/// owned cluster, not a reusable zero-allocated one, not compressed data).
+fn allocates_plainly(m: Mapping) -> bool {
+    match m {
+        Mapping::Unallocated => true,
+        Mapping::Zero { host: None, .. } => true,
+        Mapping::Zero { copied, .. } => !copied,
+        Mapping::Normal { copied, .. } => !copied,
+        Mapping::Compressed { .. } => false,
+    }
+}
+
 impl Meta {
-    /// Writes `buf` at guest `offset` (already range-checked), cluster by cluster.
+    /// Writes `buf` at guest `offset` (already range-checked). Runs of owned clusters
+    /// that are contiguous on the host become one host write; runs of clusters that
+    /// need allocation (within one L2 table) get one contiguous host run and one write.
     pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.cluster_size;
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;
             let within = guest & (cs - 1);
-            let n = ((cs - within) as usize).min(buf.len() - done);
-            self.write_in_cluster(&buf[done..done + n], guest)?;
-            done += n;
+            let first = ((cs - within) as usize).min(buf.len() - done);
+            match self.mapping(guest)? {
+                Mapping::Normal { host, copied: true } => {
+                    let start = host + within;
+                    let mut len = first;
+                    while done + len < buf.len() {
+                        match self.mapping(guest + len as u64)? {
+                            Mapping::Normal {
+                                host: h,
+                                copied: true,
+                            } if h == start + len as u64 => {
+                                len += (cs as usize).min(buf.len() - done - len)
+                            }
+                            _ => break,
+                        }
+                    }
+                    self.write_host("guest data", &buf[done..done + len], start)?;
+                    done += len;
+                }
+                old => {
+                    let mut olds = vec![old];
+                    let mut len = first;
+                    if allocates_plainly(old) {
+                        let (l1_index, _) = self.indexes(guest);
+                        while done + len < buf.len() {
+                            let next = guest + len as u64;
+                            if self.indexes(next).0 != l1_index {
+                                break;
+                            }
+                            let m = self.mapping(next)?;
+                            if !allocates_plainly(m) {
+                                break;
+                            }
+                            olds.push(m);
+                            len += (cs as usize).min(buf.len() - done - len);
+                        }
+                    }
+                    if olds.len() == 1 {
+                        self.allocating_write(old, &buf[done..done + len], guest)?;
+                    } else {
+                        self.allocating_run(&olds, &buf[done..done + len], guest)?;
+                    }
+                    done += len;
+                }
+            }
         }
         Ok(())
     }
 
-    fn write_in_cluster(&mut self, data: &[u8], guest: u64) -> Result<()> {
-        match self.mapping(guest)? {
-            Mapping::Normal { host, copied: true } => {
-                let within = guest & (self.cluster_size - 1);
-                self.write_host("guest data", data, host + within)
+    /// Writes `data` at `guest` over `olds.len()` (≥ 2) consecutive clusters that all
+    /// need a new cluster: one contiguous host run, one write of head COW + data + tail
+    /// COW, then the L2 entries are switched and the old references dropped.
+    fn allocating_run(&mut self, olds: &[Mapping], data: &[u8], guest: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let n = olds.len() as u64;
+        let cluster_start = guest & !(cs - 1);
+        let head_len = guest - cluster_start;
+        let end = guest + data.len() as u64;
+        let last_start = cluster_start + (n - 1) * cs;
+        let tail_start = end - last_start;
+        let (l1_index, _) = self.indexes(guest);
+        let table = self.writable_l2_table(l1_index)?;
+        let (head, _) = self.cow_regions(olds[0], cluster_start, head_len, cs)?;
+        let (_, tail) = self.cow_regions(olds[olds.len() - 1], last_start, 0, tail_start)?;
+        let host = self.alloc_clusters(n)?;
+        let cow_is_zero = matches!(head, Cow::Borrowed(_)) && matches!(tail, Cow::Borrowed(_));
+        let fresh = cow_is_zero && host >= self.file_len;
+        let written = if fresh {
+            self.storage.write_at(data, host + head_len)
+        } else {
+            let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect();
+            self.storage.write_vectored_at(&pieces, host)
+        }
+        .map_err(Meta::io_err(format!(
+            "writing guest data to {n} clusters at {host:#x}"
+        )));
+        if let Err(e) = written {
+            self.update_refcounts(host, n, false)?;
+            return Err(e);
+        }
+        self.host_end = self.host_end.max(host + n * cs);
+        let written_end = if fresh {
+            host + head_len + data.len() as u64
+        } else {
+            host + n * cs
+        };
+        self.file_len = self.file_len.max(written_end);
+        for (i, old) in olds.iter().enumerate() {
+            let i = i as u64;
+            self.set_l2_entry(table, cluster_start + i * cs, (host + i * cs) | COPIED)?;
+            self.release_old(*old);
+        }
+        Ok(())
+    }
+
+    /// Drops this image's reference to the host cluster(s) a replaced mapping used
+    /// (deferred until the new L2 entry is on disk).
+    fn release_old(&mut self, old: Mapping) {
+        match old {
+            Mapping::Normal { host, .. } => self.free_later(host, 1),
+            Mapping::Zero {
+                host: Some(h),
+                copied: false,
+            } => self.free_later(h, 1),
+            Mapping::Compressed { offset, len } => {
+                let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
+                self.free_later(first, count)
             }
-            old => self.allocating_write(old, data, guest),
+            _ => {}
         }
     }
 
@@ -94,18 +206,7 @@ impl Meta {
         };
         self.file_len = self.file_len.max(written_end);
         self.set_l2_entry(table, guest, host | COPIED)?;
-        match old {
-            Mapping::Normal { host: h, .. } => self.free_later(h, 1),
-            Mapping::Zero {
-                host: Some(h),
-                copied: false,
-            } => self.free_later(h, 1),
-            Mapping::Compressed { offset, len } => {
-                let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
-                self.free_later(first, count)
-            }
-            _ => {}
-        }
+        self.release_old(old);
         Ok(())
     }
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from . import _native
 from ._buffer import Pinned
 from ._errors import check, invalid
+from ._snapshot import Snapshot, VMStateWriter
 
 _lib = _native.lib
 
@@ -388,6 +389,99 @@ class Image:
     def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Returns :meth:`extents` as a list: like ``qemu-img map --output=json``."""
         return list(self.extents(offset, length))
+
+    # --- internal snapshots and VM state ---
+
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots, in table order, as :class:`Snapshot` records."""
+        count = ctypes.c_size_t()
+        while True:
+            self._call(_lib.cowdisk_snapshot_list, None, 0, ctypes.byref(count))
+            n = count.value
+            buf = (_native.SnapshotInfo * max(n, 1))()
+            buf[0].struct_size = ctypes.sizeof(_native.SnapshotInfo)
+            self._call(_lib.cowdisk_snapshot_list, buf, n, ctypes.byref(count))
+            if count.value <= n:  # else one was added meanwhile: ask again
+                return [Snapshot._from_c(buf[i]) for i in range(count.value)]
+
+    def snapshot_create(
+        self,
+        name: str,
+        vmstate=None,
+        vm_clock_nsec: int = 0,
+        *,
+        vm_state_size: int | None = None,
+        icount: int | None = None,
+    ) -> Snapshot:
+        """Creates an internal snapshot named ``name`` and returns it.
+
+        ``vmstate`` (bytes-like) is saved as the snapshot's VM state. Alternatively,
+        after writing the state with :meth:`vmstate_writer` (and closing it), pass its
+        ``size`` as ``vm_state_size``. ``icount`` is the record/replay instruction
+        count, if any. The id is the next free number. A failed VM state save raises
+        :class:`cowdisk.Error` and records nothing; ``errno.ENOTSUP`` means the image's
+        refcount width cannot count another reference.
+        """
+        if vmstate is not None:
+            if vm_state_size is not None:
+                raise ValueError("give vmstate or vm_state_size, not both")
+            vm_state_size = self.save_vmstate(vmstate, 0)
+            self.finalize_vmstate()
+        opts = _native.new_struct(_native.SnapshotOpts)
+        opts.vm_state_size = _uint(vm_state_size or 0, "vm_state_size", _U64_MAX, self.path)
+        opts.vm_clock_nsec = _uint(vm_clock_nsec, "vm_clock_nsec", _U64_MAX, self.path)
+        opts.icount = -1 if icount is None else _uint(icount, "icount", 2**63 - 1, self.path)
+        raw = name.encode("utf-8")
+        if b"\0" in raw:
+            raise ValueError("embedded null byte in snapshot name")
+        self._call(_lib.cowdisk_snapshot_create, raw, ctypes.byref(opts))
+        return [s for s in self.snapshots() if s.name == name][-1]
+
+    def snapshot_goto(self, id_or_name: str) -> None:
+        """Reverts the image to a snapshot (by id, else by name): its data, virtual
+        size and VM state (read with :meth:`load_vmstate`). ``errno.ENOENT`` when there
+        is no such snapshot."""
+        self._call(_lib.cowdisk_snapshot_goto, str(id_or_name).encode("utf-8"))
+
+    def snapshot_delete(self, id_or_name: str) -> None:
+        """Deletes a snapshot (by id, else the first by name); ``errno.ENOENT`` when
+        there is no such snapshot."""
+        self._call(_lib.cowdisk_snapshot_delete, str(id_or_name).encode("utf-8"))
+
+    def save_vmstate(self, data, pos: int) -> int:
+        """Saves ``data`` as VM state at position ``pos``; returns its length.
+
+        Sequential saves are buffered and written by background threads; see
+        :meth:`vmstate_writer` for a file object and :meth:`finalize_vmstate` to wait.
+        """
+        pos = _uint(pos, "pos", _U64_MAX, self.path)
+        try:
+            pin = Pinned(data, writable=False)
+        except BufferError:
+            pin = Pinned(memoryview(data).tobytes(), writable=False)
+        with pin:
+            self._call(_lib.cowdisk_save_vmstate, pin.address, pin.nbytes, pos)
+            return pin.nbytes
+
+    def finalize_vmstate(self) -> None:
+        """Writes buffered VM state, waits for the background writes and raises
+        :class:`cowdisk.Error` with the first error any save met."""
+        self._call(_lib.cowdisk_finalize_vmstate)
+
+    def vmstate_writer(self, pos: int = 0) -> VMStateWriter:
+        """A writable file object saving VM state from ``pos`` on; its ``close()``
+        finalizes. Use it as a context manager, then ``snapshot_create(name,
+        vm_state_size=writer.size)``."""
+        return VMStateWriter(self, _uint(pos, "pos", _U64_MAX, self.path))
+
+    def load_vmstate(self, length: int, pos: int = 0) -> bytes:
+        """Reads ``length`` bytes of VM state at ``pos`` (after :meth:`snapshot_goto`:
+        the snapshot's state); bytes never saved read as zeros."""
+        pos = _uint(pos, "pos", _U64_MAX, self.path)
+        buf = bytearray(_length(length))
+        with Pinned(buf, writable=True) as pin:
+            self._call(_lib.cowdisk_load_vmstate, pin.address, pin.nbytes, pos)
+        return bytes(buf)
 
     @property
     def info(self) -> ImageInfo:

@@ -15,6 +15,7 @@ from ctypes import (
     c_char,
     c_char_p,
     c_int,
+    c_int64,
     c_size_t,
     c_uint32,
     c_uint64,
@@ -116,6 +117,36 @@ class Extent(Structure):
     ]
 
 
+class SnapshotOpts(Structure):
+    """``struct cowdisk_snapshot_opts``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("flags", c_uint32),
+        ("vm_state_size", c_uint64),
+        ("vm_clock_nsec", c_uint64),
+        ("icount", c_int64),
+    ]
+
+
+class SnapshotInfo(Structure):
+    """``struct cowdisk_snapshot_info`` (an output array element; ``struct_size`` set in
+    the first one)."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("date_sec", c_uint32),
+        ("date_nsec", c_uint32),
+        ("reserved", c_uint32),
+        ("vm_state_size", c_uint64),
+        ("vm_clock_nsec", c_uint64),
+        ("disk_size", c_uint64),
+        ("icount", c_int64),
+        ("id", c_char * 128),
+        ("name", c_char * 1024),
+    ]
+
+
 def new_struct(cls):
     """Returns a zeroed instance of an option/info struct with ``struct_size`` set."""
     s = cls()
@@ -144,6 +175,16 @@ _FUNCTIONS = {
         c_int,
         [Handle, c_uint64, c_uint64, POINTER(Extent), c_size_t, POINTER(c_size_t)],
     ),
+    "cowdisk_snapshot_create": (c_int, [Handle, c_char_p, POINTER(SnapshotOpts)]),
+    "cowdisk_snapshot_goto": (c_int, [Handle, c_char_p]),
+    "cowdisk_snapshot_delete": (c_int, [Handle, c_char_p]),
+    "cowdisk_snapshot_list": (
+        c_int,
+        [Handle, POINTER(SnapshotInfo), c_size_t, POINTER(c_size_t)],
+    ),
+    "cowdisk_save_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
+    "cowdisk_load_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
+    "cowdisk_finalize_vmstate": (c_int, [Handle]),
     "cowdisk_last_error": (c_char_p, []),
     "cowdisk_strerror": (c_char_p, [c_int]),
     "cowdisk_version": (c_char_p, []),

@@ -56,6 +56,8 @@ def test_struct_layout_matches_c_compiler(tmp_path):
         "cowdisk_open_opts": _native.OpenOpts,
         "cowdisk_info": _native.Info,
         "cowdisk_extent": _native.Extent,
+        "cowdisk_snapshot_opts": _native.SnapshotOpts,
+        "cowdisk_snapshot_info": _native.SnapshotInfo,
     }
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "cowdisk.h"', "int main(void) {"]
     for cname, cls in structs.items():

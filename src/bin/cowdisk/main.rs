@@ -16,6 +16,8 @@ mod info;
 mod parse;
 /// `cowdisk read` and `cowdisk write`.
 mod rw;
+/// `cowdisk snapshot`.
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::fmt;
@@ -51,6 +53,8 @@ enum Command {
     Resize(blocks::ResizeArgs),
     /// Time a stream of reads or writes (like `qemu-img bench`, same options).
     Bench(bench::BenchArgs),
+    /// List, create, apply or delete internal snapshots (like `qemu-img snapshot`).
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
         Command::Discard(args) => blocks::run_discard(args),
         Command::Resize(args) => blocks::run_resize(args),
         Command::Bench(args) => bench::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
