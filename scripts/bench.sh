@@ -3,9 +3,16 @@
 # times each, and write the medians and ratios (cowdisk time / QEMU time; below 1.0
 # means cowdisk is faster) to BENCHMARKS.md.
 #
+# Sections: "bench" (qemu-img bench workloads), "compress" (1 GiB of mixed data through
+# compressed writes vs qemu-img convert -c, issue 5), "vmstate" (2 GiB of VM state in
+# realistic pieces, pool vs unbuffered vs dd, issue 6).
+#
 # Environment: BENCH_DIR (scratch folder on a real disk, default build/bench — O_DIRECT
 # does not work on tmpfs), BENCH_RUNS (runs per tool and workload, default 3),
-# BENCH_OUT (default BENCHMARKS.md).
+# BENCH_OUT (default BENCHMARKS.md), BENCH_ONLY (comma-separated sections to run, default
+# all; BENCHMARKS.md then holds only those), BENCH_VMSTATE_SLOW_MIB (MiB the slow
+# unbuffered O_DIRECT VM state path saves, scaled to 2 GiB; default 512, 2048 = no
+# scaling).
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,10 +20,40 @@ cowdisk="$top/target/release/cowdisk"
 dir=${BENCH_DIR:-$top/build/bench}
 runs=${BENCH_RUNS:-3}
 out=${BENCH_OUT:-$top/BENCHMARKS.md}
+only=${BENCH_ONLY:-bench,compress,vmstate}
+slow_mib=${BENCH_VMSTATE_SLOW_MIB:-512}
 mkdir -p "$dir"
 [ -x "$cowdisk" ] || { echo "bench: build first (make)"; exit 1; }
 
 rows=()
+
+# section <name>: whether BENCH_ONLY selects the section.
+section() { [[ ",$only," == *",$1,"* ]]; }
+
+# now: seconds since the epoch, with nanoseconds.
+now() { date +%s.%N; }
+
+# since <start>: seconds elapsed since <start> (from now), 3 decimals.
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f\n", b - a }'; }
+
+# ratio <a> <b>: a / b with 2 decimals.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+# met <ratio> <goal>: "yes" when ratio ≤ goal.
+met() { awk -v r="$1" -v g="$2" 'BEGIN { print (r <= g) ? "yes" : "**no**" }'; }
+
+# cowdisk_time <args...>: runs a cowdisk benchmark subcommand, prints its own time.
+cowdisk_time() { "$cowdisk" "$@" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
+
+# dd_time <dd args...>: runs dd, prints the seconds it reports.
+dd_time() {
+    LC_ALL=C dd "$@" 2>&1 | sed -n 's/.* copied, \([0-9.e+-]*\) s,.*/\1/p' |
+        awk '{ printf "%.3f\n", $1 }'
+}
+
+# Medians per key: times[key] collects "t1 t2 ..." and med prints their median.
+declare -A times=()
+med() { printf '%s\n' ${times[$1]} | median; }
 
 # median of the numbers on stdin
 median() { sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else printf "%.3f\n", (a[m]+a[m+1])/2}'; }
@@ -59,42 +96,202 @@ workload() {
     rows+=("| $name | \`$*\` | $cm | $qm | $ratio | ≤ $goal | $met |")
 }
 
-echo "bench: scratch folder $dir, $runs runs per tool"
-full="$dir/full-4g.qcow2"
-if [ ! -f "$full" ]; then
-    echo "bench: creating a fully allocated 4 GiB image (preallocation=full)"
-    qemu-img create -q -f qcow2 -o preallocation=full "$full" 4G
+echo "bench: scratch folder $dir, $runs runs per tool, sections $only"
+start_all=$(now)
+
+if section bench; then
+    full="$dir/full-4g.qcow2"
+    if [ ! -f "$full" ]; then
+        echo "bench: creating a fully allocated 4 GiB image (preallocation=full)"
+        qemu-img create -q -f qcow2 -o preallocation=full "$full" 4G
+    fi
+
+    workload "1. 4 KiB sequential allocating writes" 0.8 fresh -w -c 65536 -s 4k -d 1 -t none
+    workload "1. 4 KiB sequential allocating writes" 0.8 fresh -w -c 65536 -s 4k -d 1 -t writeback
+    workload "2. 4 KiB writes at 64 KiB step (allocate + COW)" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 1 -t none
+    workload "2. 4 KiB writes at 64 KiB step (allocate + COW)" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 1 -t writeback
+    workload "3. 4 KiB reads at 64 KiB step, allocated 4 GiB" 1.0 "$full" -c 65536 -s 4k -S 64k -d 1 -t none
+    workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t none
+    workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t writeback
+    workload "4. workload 2 with 8 in flight" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 8 -t none
 fi
 
-workload "1. 4 KiB sequential allocating writes" 0.8 fresh -w -c 65536 -s 4k -d 1 -t none
-workload "1. 4 KiB sequential allocating writes" 0.8 fresh -w -c 65536 -s 4k -d 1 -t writeback
-workload "2. 4 KiB writes at 64 KiB step (allocate + COW)" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 1 -t none
-workload "2. 4 KiB writes at 64 KiB step (allocate + COW)" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 1 -t writeback
-workload "3. 4 KiB reads at 64 KiB step, allocated 4 GiB" 1.0 "$full" -c 65536 -s 4k -S 64k -d 1 -t none
-workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t none
-workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t writeback
-workload "4. workload 2 with 8 in flight" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 8 -t none
+# ---- compression (issue 5) ----------------------------------------------------------
+# 1 GiB of mixed data (1 MiB blocks in turn: zeros, text, random) converted into a new
+# compressed image, zlib, 64 KiB clusters: qemu-img convert -c against cowdisk
+# bench-compress (Image::write_compressed), both timed from outside as whole processes.
+compress_rows=()
+if section compress; then
+    raw="$dir/mixed-1g.raw"
+    if [ "$(stat -c %s "$raw" 2>/dev/null || echo 0)" != 1073741824 ]; then
+        echo "bench: generating 1 GiB of mixed data"
+        python3 "$top/scripts/mixed-data.py" "$raw"
+    fi
+    cat "$raw" > /dev/null # both tools read it from the page cache
+    cout="$dir/compressed.qcow2"
+    ckeys=("qemu writeback" "qemu none" "cowdisk writeback cache" "cowdisk none cache"
+        "cowdisk writeback nocache" "cowdisk none nocache")
+    for ((i = 0; i < runs; i++)); do
+        for key in "${ckeys[@]}"; do
+            read -r tool mode cache <<< "$key"
+            rm -f "$cout"
+            sync
+            t0=$(now)
+            if [ "$tool" = qemu ]; then
+                qemu-img convert -c -O qcow2 -f raw -t "$mode" "$raw" "$cout"
+            else
+                args=(-t "$mode")
+                [ "$cache" = nocache ] && args+=(--no-cache)
+                "$cowdisk" bench-compress "${args[@]}" "$raw" "$cout" > /dev/null
+            fi
+            t=$(since "$t0")
+            echo "   compress $key run $((i + 1)): $t s"
+            times[$key]+="$t "
+            if [ "$i" = 0 ] && [ "$tool" = cowdisk ]; then
+                # Checked once per configuration, not timed.
+                qemu-img compare -q -f raw -F qcow2 "$raw" "$cout" ||
+                    { echo "bench: $key: image differs from the raw file"; exit 1; }
+                qemu-img check -q "$cout" || { echo "bench: $key: qemu-img check failed"; exit 1; }
+            fi
+        done
+    done
+    rm -f "$cout"
+    for key in "cowdisk writeback cache" "cowdisk writeback nocache" "cowdisk none cache" \
+        "cowdisk none nocache"; do
+        read -r _ mode cache <<< "$key"
+        opts="-t $mode"
+        [ "$cache" = nocache ] && opts+=" --no-cache"
+        c=$(med "$key")
+        q=$(med "qemu $mode")
+        r=$(ratio "$c" "$q")
+        compress_rows+=("| \`$opts\` | $c | \`-t $mode\`: $q | $r | ≤ 0.5 | $(met "$r" 0.5) |")
+    done
+    compress_direct=$(ratio "$(med "cowdisk none cache")" "$(med "cowdisk writeback cache")")
+fi
+
+# ---- VM state (issue 6) ---------------------------------------------------------------
+# 2 GiB of VM state in realistic pieces (60 % 1–100 bytes, 38 % 4096+8, some up to
+# 4 MiB) saved into a fresh 1 GiB image, finalized and flushed: the write pool against
+# the unbuffered path (QEMU's way), O_DIRECT and cached; dd writes 2 GiB raw as the
+# disk's own speed.
+vm_rows=()
+if section vmstate; then
+    vimg="$dir/vmstate.qcow2"
+    vkeys=("pool none" "pool writeback" "unbuffered none" "unbuffered writeback" "dd none"
+        "dd writeback")
+    for ((i = 0; i < runs; i++)); do
+        for key in "${vkeys[@]}"; do
+            read -r path mode <<< "$key"
+            rm -f "$vimg"
+            sync
+            if [ "$path" = dd ]; then
+                flags=(conv=fsync)
+                [ "$mode" = none ] && flags+=(oflag=direct)
+                t=$(dd_time if=/dev/zero of="$vimg" bs=1M count=2048 "${flags[@]}")
+            else
+                qemu-img create -q -f qcow2 "$vimg" 1G
+                sync
+                args=(-t "$mode")
+                size=2G
+                [ "$path" = unbuffered ] && args+=(--unbuffered)
+                if [ "$path" = unbuffered ] && [ "$mode" = none ] && [ "$slow_mib" != 2048 ]; then
+                    size=${slow_mib}M
+                fi
+                t=$(cowdisk_time bench-vmstate "${args[@]}" --size "$size" "$vimg")
+                if [ "$size" != 2G ]; then
+                    t=$(awk -v t="$t" -v m="$slow_mib" 'BEGIN { printf "%.3f", t * 2048 / m }')
+                fi
+            fi
+            echo "   vmstate $key run $((i + 1)): $t s"
+            times[$key]+="$t "
+        done
+    done
+    rm -f "$vimg"
+    scaled=""
+    [ "$slow_mib" != 2048 ] && scaled=" (measured on $slow_mib MiB, × $((2048 / slow_mib)))"
+    for mode in none writeback; do
+        p=$(med "pool $mode")
+        u=$(med "unbuffered $mode")
+        d=$(med "dd $mode")
+        note=""
+        [ "$mode" = none ] && note=$scaled
+        vm_rows+=("| \`-t $mode\` | $p | $u$note | $d | $(ratio "$p" "$u") | $(ratio "$p" "$d") |")
+    done
+    vm_speedup=$(ratio "$(med "pool none")" "$(med "unbuffered none")")
+    vm_vs_dd=$(ratio "$(med "pool none")" "$(med "dd none")")
+fi
+echo "bench: measuring took $(since "$start_all") s"
 
 {
     echo "# Benchmarks"
     echo
     echo "Generated by \`make bench\` (scripts/bench.sh) on $(date -u '+%Y-%m-%d %H:%M UTC'), commit"
-    echo "\`$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)\`. Each workload runs"
-    echo "\`qemu-img bench\` and \`cowdisk bench\` (same options, same meaning) $runs times each,"
-    echo "alternating, in the same run; the table shows median seconds as each tool reports them."
-    echo "Ratio = cowdisk / QEMU: below 1.0 cowdisk is faster. Write workloads start from a fresh"
-    echo "empty 8 GiB qcow2 image (64 KiB clusters) per run; read workloads use a 4 GiB image"
-    echo "created with \`qemu-img create -o preallocation=full\`. \`-d\` is QEMU's requests in"
-    echo "flight and cowdisk's worker threads."
+    echo "\`$(git -C "$top" rev-parse --short HEAD 2>/dev/null || echo unknown)\` (with uncommitted changes if any),"
+    echo "sections: $only. Every figure is the median of $runs runs; the tools alternate within"
+    echo "each run. Ratio = cowdisk / QEMU (or as stated): below 1.0 cowdisk is faster."
     echo
     echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo),"
     echo "$(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), scratch file system"
     echo "$(df -T "$dir" | awk 'NR==2 {print $2}'); $(qemu-img --version | head -1)."
-    echo
-    echo "| workload | options | cowdisk s | QEMU s | ratio | goal | met |"
-    echo "|---|---|---|---|---|---|---|"
-    printf '%s\n' "${rows[@]}"
-    echo
-    echo "Commands: \`qemu-img bench -f qcow2 OPTIONS IMAGE\` and \`cowdisk bench OPTIONS IMAGE\`."
+    if section bench; then
+        echo
+        echo "## qemu-img bench workloads"
+        echo
+        echo "Each workload runs \`qemu-img bench\` and \`cowdisk bench\` (same options, same meaning);"
+        echo "the table shows median seconds as each tool reports them. Write workloads start from a"
+        echo "fresh empty 8 GiB qcow2 image (64 KiB clusters) per run; read workloads use a 4 GiB image"
+        echo "created with \`qemu-img create -o preallocation=full\`. \`-d\` is QEMU's requests in"
+        echo "flight and cowdisk's worker threads."
+        echo
+        echo "| workload | options | cowdisk s | QEMU s | ratio | goal | met |"
+        echo "|---|---|---|---|---|---|---|"
+        printf '%s\n' "${rows[@]}"
+        echo
+        echo "Commands: \`qemu-img bench -f qcow2 OPTIONS IMAGE\` and \`cowdisk bench OPTIONS IMAGE\`."
+    fi
+    if section compress; then
+        echo
+        echo "## Compressed writes (issue 5)"
+        echo
+        echo "1 GiB of mixed data (\`scripts/mixed-data.py\`: 1 MiB blocks in turn all zeros, text of"
+        echo "words and numbers, random bytes) converted into a new zlib-compressed qcow2 image with"
+        echo "64 KiB clusters: \`qemu-img convert -c -O qcow2 -f raw -t MODE RAW OUT\` against"
+        echo "\`cowdisk bench-compress OPTIONS RAW OUT\` (creates the image, reads the raw file in 32 MiB"
+        echo "steps, hands each run of non-zero clusters to \`Image::write_compressed\` — the engine of"
+        echo "\`cowdisk_pwrite_compressed\` — leaves all-zero clusters unallocated as qemu-img does, closes)."
+        echo "Both are timed as whole processes, the raw file in the page cache; \`-t none\` is O_DIRECT"
+        echo "on the image; \`--no-cache\` turns the compressed-write cache off (default 4 MiB). Every"
+        echo "cowdisk configuration's image was checked once (not timed) with \`qemu-img compare\` against"
+        echo "the raw file and \`qemu-img check\`. QEMU is compared in the same cache mode."
+        echo
+        echo "| cowdisk options | cowdisk s | QEMU s | ratio | goal | met |"
+        echo "|---|---|---|---|---|---|"
+        printf '%s\n' "${compress_rows[@]}"
+        echo
+        echo "Compressed writes under O_DIRECT with the cache / the same writes cached (cowdisk):"
+        echo "**$compress_direct** (goal ≤ 1.5: $(met "$compress_direct" 1.5))."
+    fi
+    if section vmstate; then
+        echo
+        echo "## VM state (issue 6)"
+        echo
+        echo "2 GiB of VM state saved in realistic pieces (60 % of 1–100 bytes, 38 % of 4096 + 8,"
+        echo "1.9 % up to 256 KiB, 0.1 % up to 4 MiB; 340 131 pieces) into a fresh 1 GiB qcow2 image:"
+        echo "\`cowdisk bench-vmstate -t MODE [--unbuffered] IMAGE\` times the saves, finalize and a"
+        echo "flush (piece sizes and data are prepared before the clock starts). *pool* is"
+        echo "\`Image::save_vmstate\` (1 MiB buffer, up to 8 writer threads); *unbuffered* is"
+        echo "\`Image::save_vmstate_unbuffered\`, every piece straight through the cluster path as"
+        echo "QEMU does. *dd* is the disk's own speed:"
+        echo "\`dd if=/dev/zero of=FILE bs=1M count=2048 conv=fsync [oflag=direct]\`, seconds as dd reports."
+        echo
+        echo "| cache mode | pool s | unbuffered s | dd s | pool / unbuffered | pool / dd |"
+        echo "|---|---|---|---|---|---|"
+        printf '%s\n' "${vm_rows[@]}"
+        echo
+        echo "| goal (O_DIRECT) | ratio | goal | met |"
+        echo "|---|---|---|---|"
+        echo "| pool at least 4× faster than unbuffered | $vm_speedup | ≤ 0.25 | $(met "$vm_speedup" 0.25) |"
+        echo "| pool within 1.2× of the raw disk (dd) | $vm_vs_dd | ≤ 1.2 | $(met "$vm_vs_dd" 1.2) |"
+    fi
 } > "$out"
 echo "bench: wrote $out"

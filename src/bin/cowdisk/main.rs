@@ -4,7 +4,7 @@
 //!
 //! Errors print `cowdisk: <message>` on stderr and exit with status 1.
 
-/// `cowdisk bench`.
+/// `cowdisk bench`, `bench-compress` and `bench-vmstate`.
 mod bench;
 /// `cowdisk map`, `zero`, `discard` and `resize`.
 mod blocks;
@@ -53,6 +53,10 @@ enum Command {
     Resize(blocks::ResizeArgs),
     /// Time a stream of reads or writes (like `qemu-img bench`, same options).
     Bench(bench::BenchArgs),
+    /// Time compressing a raw file into a new image (like `qemu-img convert -c`).
+    BenchCompress(bench::BenchCompressArgs),
+    /// Time saving a VM state stream in realistic pieces, finalize included.
+    BenchVmstate(bench::BenchVmstateArgs),
     /// List, create, apply or delete internal snapshots (like `qemu-img snapshot`).
     Snapshot(snapshot::SnapshotArgs),
 }
@@ -161,6 +165,8 @@ fn main() -> ExitCode {
         Command::Discard(args) => blocks::run_discard(args),
         Command::Resize(args) => blocks::run_resize(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchCompress(args) => bench::run_compress(args),
+        Command::BenchVmstate(args) => bench::run_vmstate(args),
         Command::Snapshot(args) => snapshot::run(args),
     };
     match result {
