@@ -20,6 +20,11 @@ type CowRegions = (Cow<'static, [u8]>, Cow<'static, [u8]>);
 /// Head and tail regions closer than this are read with a single request.
 const COW_MERGE_GAP: u64 = 16 * 1024;
 
+/// True when both COW regions are the borrowed zeros (they read as zero).
+fn is_zero(regions: (&Cow<'static, [u8]>, &Cow<'static, [u8]>)) -> bool {
+    matches!(regions.0, Cow::Borrowed(_)) && matches!(regions.1, Cow::Borrowed(_))
+}
+
 /// True for mappings whose cluster simply gets a new host cluster on write (not an
 /// owned cluster, not a reusable zero-allocated one, not compressed data).
 fn allocates_plainly(m: Mapping) -> bool {
@@ -107,37 +112,59 @@ impl Meta {
         let (head, _) = self.cow_regions(olds[0], cluster_start, head_len, cs)?;
         let (_, tail) = self.cow_regions(olds[olds.len() - 1], last_start, 0, tail_start)?;
         let host = self.alloc_clusters(n)?;
-        let cow_is_zero = matches!(head, Cow::Borrowed(_)) && matches!(tail, Cow::Borrowed(_));
-        let fresh = cow_is_zero && host >= self.file_len;
-        let written = if fresh {
-            self.storage.write_at(data, host + head_len)
-        } else {
-            let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .collect();
-            self.storage.write_vectored_at(&pieces, host)
-        }
-        .map_err(Meta::io_err(format!(
-            "writing guest data to {n} clusters at {host:#x}"
-        )));
-        if let Err(e) = written {
+        if let Err(e) =
+            self.write_new_clusters(host, n, &head, data, &tail, is_zero((&head, &tail)))
+        {
+            // Give the clusters back; the old mappings still hold the old data.
             self.update_refcounts(host, n, false)?;
             return Err(e);
         }
-        self.host_end = self.host_end.max(host + n * cs);
-        let written_end = if fresh {
-            host + head_len + data.len() as u64
-        } else {
-            host + n * cs
-        };
-        self.file_len = self.file_len.max(written_end);
         for (i, old) in olds.iter().enumerate() {
             let i = i as u64;
             self.set_l2_entry(table, cluster_start + i * cs, (host + i * cs) | COPIED)?;
             self.release_old(*old);
         }
         Ok(())
+    }
+
+    /// Writes `head` + `data` + `tail` to the `n` clusters at `host` in one request. A
+    /// fresh run past the end of the file already reads as zeros, so when the COW
+    /// regions are zeros only the guest data is written (QEMU zero-fills with
+    /// fallocate instead).
+    fn write_new_clusters(
+        &mut self,
+        host: u64,
+        n: u64,
+        head: &[u8],
+        data: &[u8],
+        tail: &[u8],
+        cow_is_zero: bool,
+    ) -> Result<()> {
+        let run = n * self.cluster_size;
+        let head_len = head.len() as u64;
+        let fresh = cow_is_zero && host >= self.file_len;
+        let written = if fresh {
+            self.storage.write_at(data, host + head_len)
+        } else {
+            let pieces: Vec<&[u8]> = [head, data, tail]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect();
+            self.storage.write_vectored_at(&pieces, host)
+        }
+        .map_err(Meta::io_err(format!(
+            "writing guest data to {n} cluster(s) at {host:#x}"
+        )));
+        self.host_end = self.host_end.max(host + run);
+        // A failed write may still have reached part of the run: then it no longer
+        // reads as zeros, so count the whole run as written.
+        let written_end = if fresh && written.is_ok() {
+            host + head_len + data.len() as u64
+        } else {
+            host + run
+        };
+        self.file_len = self.file_len.max(written_end);
+        written
     }
 
     /// Drops this image's reference to the host cluster(s) a replaced mapping used
@@ -175,36 +202,15 @@ impl Meta {
             } => (h, true),
             _ => (self.alloc_clusters(1)?, false),
         };
-        let cow_is_zero = matches!(head, Cow::Borrowed(_)) && matches!(tail, Cow::Borrowed(_));
-        let fresh = cow_is_zero && host >= self.file_len;
-        let written = if fresh {
-            // A fresh cluster past the end of the file already reads as zeros there:
-            // only the guest data needs writing (QEMU zero-fills with fallocate).
-            self.storage.write_at(data, host + head_len)
-        } else {
-            let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .collect();
-            self.storage.write_vectored_at(&pieces, host)
-        }
-        .map_err(Meta::io_err(format!(
-            "writing guest data to cluster at {host:#x}"
-        )));
-        if let Err(e) = written {
+        if let Err(e) =
+            self.write_new_clusters(host, 1, &head, data, &tail, is_zero((&head, &tail)))
+        {
             if !reused {
                 // Give the cluster back; the old mapping still holds the old data.
                 self.update_refcounts(host, 1, false)?;
             }
             return Err(e);
         }
-        self.host_end = self.host_end.max(host + cs);
-        let written_end = if fresh {
-            host + head_len + data.len() as u64
-        } else {
-            host + cs
-        };
-        self.file_len = self.file_len.max(written_end);
         self.set_l2_entry(table, guest, host | COPIED)?;
         self.release_old(old);
         Ok(())
