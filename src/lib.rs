@@ -7,6 +7,8 @@
 //! - [`bench`]: services built on the engine's public API (the CLI calls them).
 //! - [`ffi`]: the C ABI over the engine; the CLI and bindings sit on top.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod error;
 pub mod ffi;
