@@ -55,12 +55,6 @@ fn qemu_img_create_args(kind: CompressionType, cs: u64) -> String {
     format!("cluster_size={cs},compression_type={}", kind.name())
 }
 
-fn read_all(img: &Image) -> Vec<u8> {
-    let mut buf = vec![0u8; img.size() as usize];
-    img.read_at(&mut buf, 0).unwrap();
-    buf
-}
-
 /// `qemu-img check --output=json` as a map; asserts no errors, corruptions or leaks.
 fn check_json(path: &Path) -> serde_json::Value {
     qemu_check_clean(path);

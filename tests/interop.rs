@@ -8,35 +8,6 @@ use common::*;
 use cowdisk::{CreateOptions, Image, OpenOptions};
 use std::path::Path;
 
-fn qemu_io(path: &Path, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(path.to_str().unwrap());
-    run_ok("qemu-io", &args);
-}
-
-fn read_all(img: &Image) -> Vec<u8> {
-    let mut buf = vec![0u8; img.size() as usize];
-    img.read_at(&mut buf, 0).unwrap();
-    buf
-}
-
-/// Writes random data at random places through cowdisk, mirrored into `model`.
-fn scribble(img: &Image, model: &mut [u8], rng: &mut Rng, writes: usize, cs: u64) {
-    let size = model.len() as u64;
-    for _ in 0..writes {
-        let len = (1 + rng.below(3 * cs)).min(size);
-        let off = rng.below(size - len + 1);
-        let mut data = vec![0u8; len as usize];
-        rng.fill(&mut data);
-        img.write_at(&data, off).unwrap();
-        model[off as usize..(off + len) as usize].copy_from_slice(&data);
-    }
-}
-
 /// Checks cowdisk reads the image as QEMU does, writes into it, and lets QEMU judge.
 fn read_then_write(s: &Scratch, path: &Path, cs: u64, seed: u64) {
     let expected = qemu_read_raw(path, s);
@@ -151,10 +122,7 @@ fn three_deep_chain_mixing_raw_and_qcow2() {
             "6M",
         ],
     );
-    qemu_io(
-        &mid,
-        &["write -P 0x55 512k 1M".into(), "write -z 100k 8k".into()],
-    );
+    qemu_io(&mid, &["write -P 0x55 512k 1M", "write -z 100k 8k"]);
     let top = s.path("top.qcow2");
     run_ok(
         "qemu-img",
@@ -170,13 +138,7 @@ fn three_deep_chain_mixing_raw_and_qcow2() {
             "8M",
         ],
     );
-    qemu_io(
-        &top,
-        &[
-            "write -P 0x66 1000k 100k".into(),
-            "write -P 0x77 7M 4k".into(),
-        ],
-    );
+    qemu_io(&top, &["write -P 0x66 1000k 100k", "write -P 0x77 7M 4k"]);
 
     let img = Image::open(&top, &OpenOptions::default()).unwrap();
     let info = img.info();
@@ -279,16 +241,13 @@ fn internal_snapshot_made_by_qemu() {
         "qemu-img",
         &["create", "-f", "qcow2", path.to_str().unwrap(), "8M"],
     );
-    qemu_io(
-        &path,
-        &["write -P 0xa1 0 3M".into(), "write -P 0xa2 5M 100k".into()],
-    );
+    qemu_io(&path, &["write -P 0xa1 0 3M", "write -P 0xa2 5M 100k"]);
     let at_snapshot = qemu_read_raw(&path, &s);
     run_ok(
         "qemu-img",
         &["snapshot", "-c", "snap1", path.to_str().unwrap()],
     );
-    qemu_io(&path, &["write -P 0xa3 1M 64k".into()]);
+    qemu_io(&path, &["write -P 0xa3 1M 64k"]);
     let img = Image::open(&path, &OpenOptions::default()).unwrap();
     assert_eq!(img.info().nb_snapshots, 1);
     drop(img);

@@ -28,35 +28,6 @@ fn open(path: &Path) -> Image {
     Image::open(path, &OpenOptions::default()).unwrap()
 }
 
-fn read_all(img: &Image) -> Vec<u8> {
-    let mut buf = vec![0u8; img.size() as usize];
-    img.read_at(&mut buf, 0).unwrap();
-    buf
-}
-
-/// Random writes through cowdisk, mirrored into `model`.
-fn scribble(img: &Image, model: &mut [u8], rng: &mut Rng, writes: usize, cs: u64) {
-    let size = model.len() as u64;
-    for _ in 0..writes {
-        let len = (1 + rng.below(3 * cs)).min(size);
-        let off = rng.below(size - len + 1);
-        let mut data = vec![0u8; len as usize];
-        rng.fill(&mut data);
-        img.write_at(&data, off).unwrap();
-        model[off as usize..(off + len) as usize].copy_from_slice(&data);
-    }
-}
-
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut args: Vec<&str> = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(path.to_str().unwrap());
-    run_ok("qemu-io", &args);
-}
-
 /// The snapshots `qemu-img info` reports: (id, name, vm-state-size).
 fn qemu_snapshots(path: &Path) -> Vec<(String, String, u64)> {
     let out = run_ok(

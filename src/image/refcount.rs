@@ -5,6 +5,8 @@
 use super::meta::Meta;
 use crate::corrupt;
 use crate::error::{Error, Result};
+use crate::format::compressed;
+use crate::format::entry::Mapping;
 use crate::format::header::MAX_REFTABLE_BYTES;
 use crate::format::refcount;
 
@@ -34,13 +36,19 @@ impl Meta {
         if self.rc.blocks.contains(offset) {
             return Ok(());
         }
+        let data = self.read_table("refcount block", offset)?;
+        self.cache_refcount_block(offset, data)
+    }
+
+    /// Puts a clean refcount block into the cache, first writing out the least
+    /// recently used one if the cache is full.
+    fn cache_refcount_block(&mut self, offset: u64, data: Box<[u8]>) -> Result<()> {
         if let Some((victim, dirty)) = self.rc.blocks.victim() {
             if dirty {
                 self.write_refcount_block(victim)?;
             }
             self.rc.blocks.remove(victim);
         }
-        let data = self.read_table("refcount block", offset)?;
         self.rc.blocks.insert(offset, data, false);
         Ok(())
     }
@@ -155,13 +163,7 @@ impl Meta {
         self.rc.table[index] = offset;
         let entry_off = self.header.refcount_table_offset + index as u64 * 8;
         self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
-        if let Some((victim, dirty)) = self.rc.blocks.victim() {
-            if dirty {
-                self.write_refcount_block(victim)?;
-            }
-            self.rc.blocks.remove(victim);
-        }
-        self.rc.blocks.insert(offset, block, false);
+        self.cache_refcount_block(offset, block)?;
         Ok(offset)
     }
 
@@ -236,13 +238,7 @@ impl Meta {
         self.header.refcount_table_clusters = table_clusters as u32;
         self.rc.table = table;
         for (_, off, data) in blocks {
-            if let Some((victim, dirty)) = self.rc.blocks.victim() {
-                if dirty {
-                    self.write_refcount_block(victim)?;
-                }
-                self.rc.blocks.remove(victim);
-            }
-            self.rc.blocks.insert(off, data, false);
+            self.cache_refcount_block(off, data)?;
         }
         self.update_refcounts(old_offset, old_clusters, false)?;
         Ok(())
@@ -399,13 +395,7 @@ impl Meta {
             self.rc.table[index] = offset;
             let entry_off = self.header.refcount_table_offset + index as u64 * 8;
             self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
-            if let Some((victim, dirty)) = self.rc.blocks.victim() {
-                if dirty {
-                    self.write_refcount_block(victim)?;
-                }
-                self.rc.blocks.remove(victim);
-            }
-            self.rc.blocks.insert(offset, data, false);
+            self.cache_refcount_block(offset, data)?;
         }
         Ok(())
     }
@@ -414,6 +404,22 @@ impl Meta {
     /// next metadata flush, after the tables that dropped the reference are on disk.
     pub(crate) fn free_later(&mut self, offset: u64, count: u64) {
         self.rc.pending_frees.push((offset, count));
+    }
+
+    /// Schedules the release of every host cluster a dropped mapping used: a data or
+    /// preallocated zero cluster, or each host cluster a compressed cluster touches.
+    pub(crate) fn free_mapping_later(&mut self, old: Mapping) {
+        match old {
+            Mapping::Normal { host, .. }
+            | Mapping::Zero {
+                host: Some(host), ..
+            } => self.free_later(host, 1),
+            Mapping::Compressed { offset, len } => {
+                let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
+                self.free_later(first, count)
+            }
+            Mapping::Zero { host: None, .. } | Mapping::Unallocated => {}
+        }
     }
 
     /// Applies the deferred decrements (caller has flushed the L2 tables first).

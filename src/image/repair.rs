@@ -6,6 +6,7 @@
 use super::meta::Meta;
 use crate::corrupt;
 use crate::error::{Error, Result};
+use crate::format::compressed;
 use crate::format::entry::{self, Mapping};
 use crate::format::header::{INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount;
@@ -57,7 +58,8 @@ impl Meta {
                         host: Some(host), ..
                     } => counts.add("data cluster", host, cs)?,
                     Mapping::Compressed { offset, len } => {
-                        counts.add("compressed cluster", offset & !511, len + (offset & 511))?
+                        let (first, n) = compressed::host_clusters(offset, len, self.cluster_bits);
+                        counts.add("compressed cluster", first, n << self.cluster_bits)?
                     }
                     _ => {}
                 }

@@ -150,17 +150,7 @@ impl Meta {
             let table = self.writable_l2_table(l1_index)?;
             let old = self.mapping(g)?;
             self.set_l2_entry(table, g, host | COPIED)?;
-            match old {
-                Mapping::Normal { host: h, .. } | Mapping::Zero { host: Some(h), .. } => {
-                    self.free_later(h, 1)
-                }
-                Mapping::Compressed { offset, len } => {
-                    let (first, count) =
-                        crate::format::compressed::host_clusters(offset, len, self.cluster_bits);
-                    self.free_later(first, count)
-                }
-                _ => {}
-            }
+            self.free_mapping_later(old);
         }
         Ok(())
     }

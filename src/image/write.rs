@@ -6,7 +6,6 @@ use std::borrow::Cow;
 
 use super::meta::Meta;
 use crate::error::Result;
-use crate::format::compressed;
 use crate::format::entry::{Mapping, COPIED};
 
 /// A cluster's worth of zeros (the largest cluster is 2 MiB), for COW regions that read
@@ -122,7 +121,7 @@ impl Meta {
         for (i, old) in olds.iter().enumerate() {
             let i = i as u64;
             self.set_l2_entry(table, cluster_start + i * cs, (host + i * cs) | COPIED)?;
-            self.release_old(*old);
+            self.free_mapping_later(*old);
         }
         Ok(())
     }
@@ -167,23 +166,6 @@ impl Meta {
         written
     }
 
-    /// Drops this image's reference to the host cluster(s) a replaced mapping used
-    /// (deferred until the new L2 entry is on disk).
-    fn release_old(&mut self, old: Mapping) {
-        match old {
-            Mapping::Normal { host, .. } => self.free_later(host, 1),
-            Mapping::Zero {
-                host: Some(h),
-                copied: false,
-            } => self.free_later(h, 1),
-            Mapping::Compressed { offset, len } => {
-                let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
-                self.free_later(first, count)
-            }
-            _ => {}
-        }
-    }
-
     /// Writes into a cluster this image does not own alone: a new cluster receives
     /// head (old contents) + data + tail (old contents) in one request, then the L2
     /// entry is switched to it and the old cluster's reference is dropped.
@@ -212,7 +194,9 @@ impl Meta {
             return Err(e);
         }
         self.set_l2_entry(table, guest, host | COPIED)?;
-        self.release_old(old);
+        if !reused {
+            self.free_mapping_later(old);
+        }
         Ok(())
     }
 

@@ -141,17 +141,8 @@ impl Meta {
         let (l1_index, _) = self.indexes(cluster);
         let table = self.writable_l2_table(l1_index)?;
         self.set_l2_entry(table, cluster, new_entry)?;
-        match release {
-            Some(Mapping::Normal { host, .. })
-            | Some(Mapping::Zero {
-                host: Some(host), ..
-            }) => self.free_later(host, 1),
-            Some(Mapping::Compressed { offset, len }) => {
-                let first = offset >> self.cluster_bits;
-                let last = (offset + len - 1) >> self.cluster_bits;
-                self.free_later(first << self.cluster_bits, last - first + 1);
-            }
-            _ => {}
+        if let Some(old) = release {
+            self.free_mapping_later(old);
         }
         Ok(())
     }

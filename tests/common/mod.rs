@@ -163,3 +163,34 @@ pub fn direct_scratch(name: &str) -> Option<Scratch> {
     );
     None
 }
+
+/// Runs qemu-io on a qcow2 image with one `-c` per command; panics if it fails.
+pub fn qemu_io<S: AsRef<str>>(path: &Path, cmds: &[S]) {
+    let mut args: Vec<&str> = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c.as_ref());
+    }
+    args.push(path.to_str().unwrap());
+    run_ok("qemu-io", &args);
+}
+
+/// The whole guest contents of an image, read through cowdisk.
+pub fn read_all(img: &cowdisk::Image) -> Vec<u8> {
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// Random writes (up to three clusters each) through cowdisk, mirrored into `model`.
+pub fn scribble(img: &cowdisk::Image, model: &mut [u8], rng: &mut Rng, writes: usize, cs: u64) {
+    let size = model.len() as u64;
+    for _ in 0..writes {
+        let len = (1 + rng.below(3 * cs)).min(size);
+        let off = rng.below(size - len + 1);
+        let mut data = vec![0u8; len as usize];
+        rng.fill(&mut data);
+        img.write_at(&data, off).unwrap();
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+}
