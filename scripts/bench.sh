@@ -114,6 +114,7 @@ if section bench; then
     workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t none
     workload "3. sequential 64 KiB reads, allocated 4 GiB" 1.0 "$full" -c 65536 -s 64k -d 1 -t writeback
     workload "4. workload 2 with 8 in flight" 0.8 fresh -w -c 65536 -s 4k -S 64k -d 8 -t none
+    workload "4. workload 3 (4 KiB reads) with 8 in flight" 1.0 "$full" -c 65536 -s 4k -S 64k -d 8 -t none
 fi
 
 # ---- compression (issue 5) ----------------------------------------------------------

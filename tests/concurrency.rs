@@ -94,3 +94,309 @@ fn interleaved_sectors_into_snapshot_shared_clusters() {
         &["-r", "-c", "read -P 0x3c 0 4M", p.to_str().unwrap()],
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Reads, writes, zeroes and discards racing on one handle. Every sector carries its
+// index and a version, so a reader can tell old data, new data, zeros and garbage
+// (another sector's bytes, a half-written COW, a reused cluster) apart.
+
+const SECTOR: u64 = 512;
+/// Writers of single sectors; writer t owns the sectors ≡ t (mod SECTOR_WRITERS) of the
+/// first half of the disk.
+const SECTOR_WRITERS: u64 = 6;
+const DISK: u64 = 8 << 20;
+/// The second half belongs to one writer of multi-cluster runs.
+const BULK_START: u64 = DISK / 2;
+
+fn stamped(index: u64, version: u64) -> Vec<u8> {
+    let mut v = vec![0u8; SECTOR as usize];
+    v[..8].copy_from_slice(&index.to_le_bytes());
+    v[8..16].copy_from_slice(&version.to_le_bytes());
+    let mut x = ((index << 20) ^ version).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for b in v[16..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Seen {
+    Zero,
+    Version(u64),
+    Garbage,
+}
+
+fn seen(index: u64, bytes: &[u8]) -> Seen {
+    if bytes.iter().all(|&b| b == 0) {
+        return Seen::Zero;
+    }
+    let i = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let v = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    if i == index && bytes == stamped(index, v).as_slice() {
+        Seen::Version(v)
+    } else {
+        Seen::Garbage
+    }
+}
+
+fn rounds() -> u64 {
+    std::env::var("COWDISK_STRESS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6)
+}
+
+/// What the racing threads do besides writing stamped sectors.
+#[derive(Clone, Copy, PartialEq)]
+enum Race {
+    /// Readers only: every sector reads as its old or its new stamp.
+    Reads,
+    /// Readers plus a thread issuing write_zeroes and discard: sectors may also read
+    /// as zeros.
+    ZeroesAndDiscards,
+}
+
+/// Runs the writers (single sectors in the first half, multi-cluster runs in the
+/// second), two readers and, for `Race::ZeroesAndDiscards`, a zapper, on one handle.
+/// Returns the last version each sector was given (0: not written).
+fn race(img: &Arc<Image>, race: Race, seed: u64, ops: u64) -> Vec<u64> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sectors = DISK / SECTOR;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..SECTOR_WRITERS {
+        let img = img.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ ((t + 1) * 7919));
+            let mut last = vec![(0u64, 0u64); 0];
+            let owned = BULK_START / SECTOR / SECTOR_WRITERS;
+            for op in 1..=ops {
+                let index = rng.below(owned) * SECTOR_WRITERS + t;
+                img.write_at(&stamped(index, op), index * SECTOR).unwrap();
+                last.push((index, op));
+            }
+            last
+        }));
+    }
+    {
+        let img = img.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0xB01C);
+            let mut last = Vec::new();
+            let first = BULK_START / SECTOR;
+            let span = (DISK - BULK_START) / SECTOR;
+            for op in 1..=ops / 4 {
+                let len = 1 + rng.below(300);
+                let start = first + rng.below(span - len + 1);
+                let mut data = Vec::with_capacity((len * SECTOR) as usize);
+                for index in start..start + len {
+                    data.extend_from_slice(&stamped(index, op));
+                    last.push((index, op));
+                }
+                img.write_at(&data, start * SECTOR).unwrap();
+            }
+            last
+        }));
+    }
+    let zapper = (race == Race::ZeroesAndDiscards).then(|| {
+        let img = img.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0x2A9);
+            while !stop.load(Ordering::Relaxed) {
+                let len = (1 + rng.below(400)) * SECTOR;
+                let off = rng.below((DISK - len) / SECTOR + 1) * SECTOR;
+                match rng.below(3) {
+                    0 => img.discard(off, len).unwrap(),
+                    1 => img.write_zeroes(off, len, true).unwrap(),
+                    _ => img.write_zeroes(off, len, false).unwrap(),
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    });
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let img = img.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed ^ (r + 100));
+                let mut checked = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let len = 1 + rng.below(400);
+                    let start = rng.below(sectors - len + 1);
+                    let mut buf = vec![0u8; (len * SECTOR) as usize];
+                    img.read_at(&mut buf, start * SECTOR).unwrap();
+                    for (k, chunk) in buf.chunks(SECTOR as usize).enumerate() {
+                        let index = start + k as u64;
+                        match seen(index, chunk) {
+                            Seen::Garbage => panic!("reader saw garbage in sector {index}"),
+                            Seen::Zero if race == Race::Reads => {
+                                panic!("reader saw zeros in sector {index} (never zeroed)")
+                            }
+                            _ => checked += 1,
+                        }
+                    }
+                }
+                checked
+            })
+        })
+        .collect();
+    let mut last = vec![0u64; sectors as usize];
+    for w in writers {
+        for (index, op) in w.join().unwrap() {
+            last[index as usize] = op;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(z) = zapper {
+        z.join().unwrap();
+    }
+    for r in readers {
+        assert!(r.join().unwrap() > 0, "a reader checked nothing");
+    }
+    last
+}
+
+/// Opens the image for a race; `direct` uses O_DIRECT, otherwise every request goes
+/// through a slow disk (each read sleeps 1 ms first, each write 0.05 ms), which widens the
+/// window between planning a request and its I/O where races hide.
+fn open_for_race(p: &std::path::Path, direct: bool) -> Arc<Image> {
+    let opts = OpenOptions {
+        direct,
+        ..OpenOptions::default()
+    };
+    if direct {
+        return Arc::new(Image::open(p, &opts).unwrap());
+    }
+    let file = cowdisk::io::FileStorage::open(p, true, false).unwrap();
+    let slow = cowdisk::io::FaultStorage::new(Arc::new(file));
+    slow.set_delays(
+        std::time::Duration::from_micros(1000),
+        std::time::Duration::from_micros(50),
+    );
+    Arc::new(Image::open_storage(Arc::new(slow), &opts).unwrap())
+}
+
+/// Readers racing allocating writes over a raw backing file and over clusters shared
+/// with a snapshot see each sector's old or new stamp, never anything else; at the
+/// end every sector holds its last stamp and qemu-img agrees.
+fn reads_race_writes(s: &Scratch, cs: u32, direct: bool, seed: u64) {
+    let sectors = DISK / SECTOR;
+    let base = s.path("base.raw");
+    let mut raw = Vec::with_capacity(DISK as usize);
+    for index in 0..sectors {
+        raw.extend_from_slice(&stamped(index, 0));
+    }
+    std::fs::write(&base, &raw).unwrap();
+    let p = s.path("top.qcow2");
+    Image::create(
+        &p,
+        DISK,
+        &CreateOptions {
+            cluster_size: cs,
+            backing_file: Some(base.to_str().unwrap().into()),
+            backing_format: Some("raw".into()),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let img = open_for_race(&p, direct);
+    // Clusters of the first quarter of each half become shared with a snapshot.
+    let mut expected = vec![0u64; sectors as usize];
+    for half in [0, BULK_START] {
+        let mut data = Vec::new();
+        for index in half / SECTOR..(half + DISK / 8) / SECTOR {
+            data.extend_from_slice(&stamped(index, u64::MAX));
+            expected[index as usize] = u64::MAX;
+        }
+        img.write_at(&data, half).unwrap();
+    }
+    img.snapshot_create("shared", &Default::default()).unwrap();
+    let last = race(&img, Race::Reads, seed, 600);
+    let all = read_all(&img);
+    for index in 0..sectors {
+        let want = if last[index as usize] > 0 {
+            last[index as usize]
+        } else {
+            expected[index as usize]
+        };
+        let chunk = &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize];
+        assert_eq!(
+            seen(index, chunk),
+            Seen::Version(want),
+            "sector {index} (cluster size {cs}, seed {seed})"
+        );
+    }
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    qemu_check_clean(&p);
+    assert!(qemu_read_raw(&p, s) == all, "qemu-img reads other data");
+}
+
+/// Writes racing discards and zeroes (with and without unmapping) and readers: every
+/// sector reads as a stamp or zeros at any time, and at the end as its last stamp or
+/// zeros; qemu-img check finds no leak and reads the same.
+fn writes_race_zeroes(s: &Scratch, cs: u32, direct: bool, seed: u64) {
+    let sectors = DISK / SECTOR;
+    let p = s.path("z.qcow2");
+    Image::create(
+        &p,
+        DISK,
+        &CreateOptions {
+            cluster_size: cs,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let img = open_for_race(&p, direct);
+    let last = race(&img, Race::ZeroesAndDiscards, seed, 600);
+    let all = read_all(&img);
+    for index in 0..sectors {
+        let chunk = &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize];
+        let got = seen(index, chunk);
+        let want = last[index as usize];
+        assert!(
+            got == Seen::Zero || (want > 0 && got == Seen::Version(want)),
+            "sector {index}: {got:?}, last written version {want} (cluster size {cs}, seed {seed})"
+        );
+    }
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    qemu_check_clean(&p);
+    assert!(qemu_read_raw(&p, s) == all, "qemu-img reads other data");
+}
+
+#[test]
+fn readers_see_old_or_new_data_while_clusters_are_allocated() {
+    let base = seed(0x5EED_0001);
+    for round in 0..rounds() {
+        let cs = [512u32, 4096, 65536][(round % 3) as usize];
+        reads_race_writes(&Scratch::new("race-read"), cs, false, base + round);
+    }
+}
+
+#[test]
+fn writes_race_zeroes_and_discards() {
+    let base = seed(0x5EED_0002);
+    for round in 0..rounds() {
+        let cs = [512u32, 4096, 65536][(round % 3) as usize];
+        writes_race_zeroes(&Scratch::new("race-zero"), cs, false, base + round);
+    }
+}
+
+#[test]
+fn races_with_o_direct() {
+    let Some(s) = direct_scratch("race-direct") else {
+        return;
+    };
+    let base = seed(0x5EED_0003);
+    for round in 0..rounds().div_ceil(2) {
+        let cs = [512u32, 65536][(round % 2) as usize];
+        let dir = Scratch(s.path(&format!("r{round}")));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        reads_race_writes(&dir, cs, true, base + round);
+        writes_race_zeroes(&dir, cs, true, base + round);
+    }
+}

@@ -63,6 +63,10 @@ pub const COWDISK_INFO_CORRUPT: u32 = 8;
 ///
 /// Thread-safety: every function taking a `cowdisk *` may be called from any number of
 /// threads at once on the same handle, except `cowdisk_close`, which must be the last call.
+/// Reads and writes from different threads do their data I/O in parallel. As on a disk,
+/// concurrent writes to the same bytes land in an unspecified order, and a read racing a
+/// write of the same bytes sees the old or the new data of each cluster, never anything
+/// else.
 pub struct cowdisk {
     image: Image,
 }

@@ -3,10 +3,11 @@
 //! the other engine files build on. Its methods are spread over files by concern
 //! (`refcount.rs`, `cluster.rs`, `write.rs`, `read.rs`).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::backing::Backing;
 use super::cache::TableCache;
+use super::inflight::{DataIo, InFlight};
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::header::Header;
@@ -39,7 +40,7 @@ pub(crate) struct Meta {
     pub l1: Vec<u64>,
     pub l2_cache: TableCache,
     pub rc: RefcountState,
-    pub backing: Option<Backing>,
+    pub backing: Option<Arc<Backing>>,
     /// The image names a backing file that the open options told us not to open.
     pub backing_refused: bool,
     pub read_only: bool,
@@ -50,6 +51,8 @@ pub(crate) struct Meta {
     /// Length of the image file as far as our writes made it (bytes past it read as
     /// zeros, so a fresh cluster there needs no zero-filling).
     pub file_len: u64,
+    /// End of the host space preallocated for new clusters (see `write.rs`).
+    pub preallocated_end: u64,
     /// Whether the image looks metadata-preallocated (decided once, on first use).
     pub preallocated: Option<bool>,
     /// Set when a failed update may have left the in-memory metadata in doubt.
@@ -58,6 +61,11 @@ pub(crate) struct Meta {
     pub snapshots: crate::format::snapshot::SnapshotTable,
     /// Compressed clusters: packing position, write cache, last decompressed cluster.
     pub compress: super::compress::CompressState,
+    /// Held shared by every data transfer done without this lock; taken exclusively
+    /// (see [`Meta::drain_data_io`]) before a host cluster can be reused.
+    pub gate: Arc<RwLock<()>>,
+    /// Guest clusters being allocated by writes running without the lock.
+    pub inflight: InFlight,
 }
 
 impl Meta {
@@ -65,6 +73,32 @@ impl Meta {
     pub fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
         move |e| Error::io(what, e)
+    }
+
+    /// Marks the handle broken when `e` may have left the metadata half-updated (an
+    /// I/O error, no space, corruption found midway), then hands the error back.
+    pub fn judge(&mut self, what: &str, e: Error) -> Error {
+        if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
+            self.broken = Some(format!("{what} failed: {e}"));
+        }
+        e
+    }
+
+    /// What data transfers without the lock need: the storage, the backing image and
+    /// the gate.
+    pub fn data_io(&self) -> DataIo {
+        DataIo {
+            storage: Arc::clone(&self.storage),
+            backing: self.backing.clone(),
+            gate: Arc::clone(&self.gate),
+        }
+    }
+
+    /// Waits until no data transfer runs without the lock. Called (under the lock)
+    /// before a host cluster's refcount reaches 0, so that a read or write planned
+    /// against the old mapping can never touch the cluster after it is reused.
+    pub fn drain_data_io(&self) {
+        drop(self.gate.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Refuses writes on a read-only or broken handle.

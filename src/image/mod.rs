@@ -1,14 +1,14 @@
 //! The image engine: [`Image`] is an open qcow2 image, safe to share between threads.
 //!
 //! Concurrency: one lock (`Meta`) guards the header, L1, caches and allocator, as
-//! QEMU's `s->lock` does. At this stage data I/O also happens under it; the design
-//! keeps data I/O in `read.rs`/`write.rs` so it can move outside the lock.
+//! QEMU's `s->lock` does. Guest data I/O runs outside it (see `inflight.rs`).
 
 mod backing;
 mod cache;
 mod cluster;
 mod compress;
 mod create;
+mod inflight;
 mod meta;
 mod open;
 mod options;
@@ -28,7 +28,7 @@ pub use snapshot::{SnapshotInfo, SnapshotOptions, MAX_SNAPSHOT_NAME};
 pub use status::Extent;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
@@ -41,6 +41,8 @@ use meta::Meta;
 pub struct Image {
     /// Shared with the VM state writer threads.
     meta: Arc<Mutex<Meta>>,
+    /// Signalled when an allocation in flight ends (see `inflight.rs`).
+    allocation_ended: Condvar,
     path: Option<PathBuf>,
     closed: bool,
     vmstate: vmstate::VmState,
@@ -96,6 +98,7 @@ impl Image {
         Image {
             vmstate: vmstate::VmState::new(Arc::clone(&meta), cluster_size),
             meta,
+            allocation_ended: Condvar::new(),
             path,
             closed: false,
         }
@@ -121,36 +124,13 @@ impl Image {
         }
     }
 
-    /// Reads `buf.len()` bytes at guest `offset`; the range must lie within the
-    /// virtual size.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut meta = self.lock()?;
-        Image::check_range(&meta, buf.len(), offset, "read")?;
-        meta.read(buf, offset)
-    }
-
-    /// Writes `buf` at guest `offset`; the range must lie within the virtual size.
-    /// On failure the old data stays readable; a failure that may have left metadata
-    /// half-updated makes the handle refuse further writes.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.modify("a write", |meta| {
-            Image::check_range(meta, buf.len(), offset, "write")?;
-            meta.write(buf, offset)
-        })
-    }
-
-    /// Runs a metadata-changing operation, marking the handle broken if it fails in a
-    /// way that may have left the metadata half-updated.
+    /// Runs an operation that changes mappings wholesale, with no allocation or data
+    /// transfer in flight (see `inflight.rs`), marking the handle broken if it fails
+    /// in a way that may have left the metadata half-updated.
     fn modify(&self, what: &str, f: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
-        let mut meta = self.lock()?;
+        let mut meta = self.exclusive()?;
         meta.check_writable()?;
-        let result = f(&mut meta);
-        if let Err(e) = &result {
-            if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
-                meta.broken = Some(format!("{what} failed: {e}"));
-            }
-        }
-        result
+        f(&mut meta).map_err(|e| meta.judge(what, e))
     }
 
     /// Makes guest `[offset, offset+len)` read as zeros, in this layer, whatever the
@@ -220,7 +200,13 @@ impl Image {
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
         let vmstate = self.vmstate.shutdown();
-        vmstate.and(self.flush())
+        vmstate.and(self.flush()).and_then(|()| {
+            let mut meta = self.lock()?;
+            if meta.read_only {
+                return Ok(());
+            }
+            meta.trim_preallocation()
+        })
     }
 
     /// The virtual size in bytes.
@@ -282,8 +268,8 @@ impl Drop for Image {
         let _ = self.vmstate.shutdown();
         if !self.closed {
             if let Ok(mut meta) = self.meta.lock() {
-                if !meta.read_only && meta.broken.is_none() {
-                    let _ = meta.flush_metadata();
+                if !meta.read_only && meta.broken.is_none() && meta.flush_metadata().is_ok() {
+                    let _ = meta.trim_preallocation();
                 }
             }
         }

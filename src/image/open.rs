@@ -117,12 +117,13 @@ pub(crate) fn open_meta(
             free_hint: 0,
             pending_frees: Vec::new(),
         },
-        backing,
+        backing: backing.map(Arc::new),
         backing_refused,
         read_only: opts.read_only,
         discard_unmap: opts.discard_unmap,
         host_end: file_size,
         file_len: file_size,
+        preallocated_end: file_size,
         preallocated: None,
         broken: None,
         snapshots: Default::default(),
@@ -132,6 +133,8 @@ pub(crate) fn open_meta(
             opts.compressed_cache_size
         }),
         header,
+        gate: Default::default(),
+        inflight: Default::default(),
     };
 
     meta.snapshots = meta.read_snapshot_table()?;

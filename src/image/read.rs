@@ -1,10 +1,25 @@
 //! The read path: guest ranges are split by cluster, classified, and contiguous pieces
 //! of the same kind (adjacent host clusters, zeros, backing file) are read together.
+//! Planning happens under the lock; the host and backing I/O may run without it.
 
 use super::meta::Meta;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::entry::Mapping;
+
+/// A piece of a read that needs I/O, run with or without the lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ReadTask {
+    /// `len` bytes at host offset `host` into the buffer at `start`.
+    Host { host: u64, start: usize, len: usize },
+    /// `len` unallocated bytes at guest offset `guest` from the backing chain (zeros
+    /// without one) into the buffer at `start`.
+    Backing {
+        guest: u64,
+        start: usize,
+        len: usize,
+    },
+}
 
 /// Where a run of guest bytes comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -32,9 +47,19 @@ impl Meta {
         Ok(())
     }
 
-    /// Reads guest bytes at `offset` (already range-checked) into `buf`.
+    /// Reads guest bytes at `offset` (already range-checked) into `buf`, with the lock
+    /// held throughout (internal callers; guest reads go through `Image::read_at`).
     pub(crate) fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let tasks = self.plan_read(buf, offset)?;
+        self.data_io().run_reads(buf, &tasks)
+    }
+
+    /// Resolves a read of guest bytes at `offset` (already range-checked): zeros and
+    /// compressed clusters are filled into `buf` now; what needs host or backing I/O
+    /// is returned as tasks (contiguous pieces merged), which may run without the lock.
+    pub(crate) fn plan_read(&mut self, buf: &mut [u8], offset: u64) -> Result<Vec<ReadTask>> {
         let cs = self.cluster_size;
+        let mut tasks = Vec::new();
         let mut run: Option<(Source, usize, usize)> = None; // (source, buf start, len)
         let mut done = 0usize;
         while done < buf.len() {
@@ -47,7 +72,10 @@ impl Meta {
                     Source::Host(host + within)
                 }
                 Mapping::Zero { .. } => Source::Zero,
-                Mapping::Unallocated => Source::Backing(guest),
+                Mapping::Unallocated => {
+                    self.check_backing_opened(guest)?;
+                    Source::Backing(guest)
+                }
                 Mapping::Compressed { offset, len } => Source::Compressed {
                     offset,
                     len,
@@ -57,7 +85,7 @@ impl Meta {
             run = match run {
                 Some((s, start, len)) if continues(s, len, source) => Some((s, start, len + n)),
                 Some((s, start, len)) => {
-                    self.read_run(s, &mut buf[start..start + len])?;
+                    self.resolve_run(s, buf, start, len, &mut tasks)?;
                     Some((source, done, n))
                 }
                 None => Some((source, done, n)),
@@ -65,51 +93,46 @@ impl Meta {
             done += n;
         }
         if let Some((s, start, len)) = run {
-            self.read_run(s, &mut buf[start..start + len])?;
+            self.resolve_run(s, buf, start, len, &mut tasks)?;
+        }
+        Ok(tasks)
+    }
+
+    /// Fills `buf[start..start+len]` now (zeros, compressed data) or queues a task.
+    fn resolve_run(
+        &mut self,
+        source: Source,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+        tasks: &mut Vec<ReadTask>,
+    ) -> Result<()> {
+        match source {
+            Source::Host(host) => tasks.push(ReadTask::Host { host, start, len }),
+            Source::Backing(guest) => tasks.push(ReadTask::Backing { guest, start, len }),
+            Source::Zero => buf[start..start + len].fill(0),
+            Source::Compressed {
+                offset,
+                len: clen,
+                within,
+            } => {
+                let data = self.decompressed(offset, clen)?;
+                buf[start..start + len]
+                    .copy_from_slice(&data[within as usize..within as usize + len]);
+            }
         }
         Ok(())
     }
 
-    fn read_run(&mut self, source: Source, buf: &mut [u8]) -> Result<()> {
-        match source {
-            Source::Host(host) => self
-                .storage
-                .read_at(buf, host)
-                .map_err(Meta::io_err(format!(
-                    "reading guest data at host {host:#x}"
-                ))),
-            Source::Zero => {
-                buf.fill(0);
-                Ok(())
-            }
-            Source::Backing(guest) => self.read_backing(buf, guest),
-            Source::Compressed {
-                offset,
-                len,
-                within,
-            } => {
-                let data = self.decompressed(offset, len)?;
-                buf.copy_from_slice(&data[within as usize..within as usize + buf.len()]);
-                Ok(())
-            }
-        }
-    }
-
-    /// Reads unallocated guest bytes from the backing chain (zeros where it has none).
-    pub(crate) fn read_backing(&mut self, buf: &mut [u8], guest: u64) -> Result<()> {
+    /// Refuses to read unallocated bytes when the backing file was not opened.
+    pub(crate) fn check_backing_opened(&self, guest: u64) -> Result<()> {
         if self.backing_refused {
             return Err(Error::Unsupported(format!(
                 "guest offset {guest:#x} is not allocated in this image and its backing file '{}' was not opened (backing files disabled by the open options)",
                 self.header.backing_file.as_deref().unwrap_or("")
             )));
         }
-        match &self.backing {
-            Some(b) => b.read_at(buf, guest),
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+        Ok(())
     }
 
     /// True when unallocated guest bytes at `guest` read as zero without reading data.

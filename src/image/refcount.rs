@@ -113,6 +113,7 @@ impl Meta {
         increase: bool,
     ) -> Result<()> {
         let first = offset >> self.cluster_bits;
+        let mut drained = false;
         for cluster in first..first + count {
             let rc = self.refcount(cluster)?;
             let new = if increase {
@@ -125,6 +126,12 @@ impl Meta {
                     )
                 })?
             };
+            if new == 0 && !drained {
+                // No read or write planned against an old mapping may still be
+                // running when the cluster becomes free for reuse.
+                self.drain_data_io();
+                drained = true;
+            }
             self.set_refcount(cluster, new)?;
             if new == 0 {
                 self.compressed_host_cluster_freed(cluster << self.cluster_bits);

@@ -66,12 +66,7 @@ fn lock_meta(meta: &Mutex<Meta>) -> Result<MutexGuard<'_, Meta>> {
 /// Marks the handle broken when `result` failed in a way that may have left the
 /// metadata half-updated (the rule of `Image::modify`).
 fn judge<T>(meta: &mut Meta, result: Result<T>) -> Result<T> {
-    if let Err(e) = &result {
-        if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
-            meta.broken = Some(format!("saving VM state failed: {e}"));
-        }
-    }
-    result
+    result.map_err(|e| meta.judge("saving VM state", e))
 }
 
 /// What a write of VM state needs after the first, locked step.

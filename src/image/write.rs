@@ -1,10 +1,18 @@
 //! The write path: in-place writes to owned clusters, and allocating writes whose
-//! copy-on-write regions (head and tail of the new cluster) are merged with the guest
+//! copy-on-write regions (head and tail of the new clusters) are merged with the guest
 //! data into one vectored host write.
+//!
+//! A write is planned one step at a time under the lock ([`Meta::plan_write`]); the
+//! step's I/O may then run without it. An allocating step reserves its host clusters
+//! and registers its guest clusters as in flight, so no other write touches them until
+//! [`Meta::finish_allocation`] switches the L2 entries; readers meanwhile see the old
+//! mapping, hence the old data.
 
 use std::borrow::Cow;
 
+use super::inflight::DataIo;
 use super::meta::Meta;
+use crate::corrupt;
 use crate::error::Result;
 use crate::format::entry::{Mapping, COPIED};
 
@@ -12,16 +20,155 @@ use crate::format::entry::{Mapping, COPIED};
 /// as zero.
 static ZEROS: [u8; 1 << 21] = [0; 1 << 21];
 
-/// The old contents of a new cluster's head and tail (borrowed zeros when they read
-/// as zero).
-type CowRegions = (Cow<'static, [u8]>, Cow<'static, [u8]>);
+/// Host space is preallocated this far past the newest cluster (see
+/// [`Meta::preallocate_ahead`]).
+const PREALLOCATE_STEP: u64 = 8 << 20;
 
 /// Head and tail regions closer than this are read with a single request.
 const COW_MERGE_GAP: u64 = 16 * 1024;
 
-/// True when both COW regions are the borrowed zeros (they read as zero).
-fn is_zero(regions: (&Cow<'static, [u8]>, &Cow<'static, [u8]>)) -> bool {
-    matches!(regions.0, Cow::Borrowed(_)) && matches!(regions.1, Cow::Borrowed(_))
+/// The next step of a write, decided under the lock.
+pub(crate) enum WriteStep {
+    /// `len` bytes go in place to owned clusters, contiguous on the host from `host`.
+    InPlace { host: u64, len: usize },
+    /// New clusters are reserved for the next bytes: fill them, then finish.
+    Allocate(Allocation),
+    /// A cluster the write needs is being allocated by another write, or an exclusive
+    /// operation waits for allocations to end: wait for a finished allocation and plan
+    /// again.
+    Wait,
+}
+
+/// The old contents of a new cluster run's head and tail.
+type CowRegions<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
+
+/// Where the old contents of a copy-on-write region come from.
+#[derive(Debug, PartialEq, Eq)]
+enum OldData {
+    /// They read as zero: nothing to read.
+    Zero,
+    /// The old host cluster at this offset.
+    Host(u64),
+    /// The backing chain (at the region's guest offset).
+    Backing,
+    /// Already decompressed under the lock (the region's bytes).
+    Bytes(Vec<u8>),
+}
+
+/// Reserved clusters for `len` guest bytes at `guest`: `n` consecutive guest clusters
+/// get `n` contiguous host clusters at `host`, written as head COW + data + tail COW.
+pub(crate) struct Allocation {
+    guest: u64,
+    len: usize,
+    cluster_size: u64,
+    host: u64,
+    n: u64,
+    /// The host cluster is the cluster's own preallocated zero cluster (nothing was
+    /// allocated, nothing is released).
+    reused: bool,
+    /// The mappings being replaced, one per cluster.
+    olds: Vec<Mapping>,
+    head: OldData,
+    tail: OldData,
+    /// The host run lies past the end of the file and both COW regions read as zero:
+    /// only the data needs writing.
+    fresh: bool,
+}
+
+impl Allocation {
+    /// Guest bytes handled by this step.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn cluster_start(&self) -> u64 {
+        self.guest & !(self.cluster_size - 1)
+    }
+
+    fn head_len(&self) -> u64 {
+        self.guest - self.cluster_start()
+    }
+
+    /// Guest offset where the tail region starts, and its length.
+    fn tail(&self) -> (u64, u64) {
+        let start = self.guest + self.len as u64;
+        (
+            start,
+            self.cluster_start() + self.n * self.cluster_size - start,
+        )
+    }
+
+    /// Fills the reserved clusters: reads the COW regions (one request when head and
+    /// tail of one cluster are close) and writes head + data + tail in one request.
+    /// Runs with or without the lock; `data` is this step's guest bytes.
+    pub(crate) fn fill(&self, io: &DataIo, data: &[u8]) -> Result<()> {
+        let written = if self.fresh {
+            io.storage.write_at(data, self.host + self.head_len())
+        } else {
+            let (head, tail) = self.cow_regions(io)?;
+            let pieces: Vec<&[u8]> = [&head[..], data, &tail[..]]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .collect();
+            io.storage.write_vectored_at(&pieces, self.host)
+        };
+        written.map_err(Meta::io_err(format!(
+            "writing guest data to {} cluster(s) at {:#x}",
+            self.n, self.host
+        )))
+    }
+
+    fn cow_regions(&self, io: &DataIo) -> Result<CowRegions<'_>> {
+        let cs = self.cluster_size;
+        let start = self.cluster_start();
+        let head_len = self.head_len();
+        let (tail_at, tail_len) = self.tail();
+        let gap = self.len as u64;
+        if self.n == 1 && self.head == self.tail && head_len > 0 && tail_len > 0 {
+            // Both regions of one cluster from the same place: one request when close.
+            let whole = match &self.head {
+                OldData::Host(h) if gap <= COW_MERGE_GAP => {
+                    Some(io.read_host(cs, *h, "copy-on-write")?)
+                }
+                OldData::Backing if gap <= COW_MERGE_GAP => {
+                    let mut all = vec![0u8; cs as usize];
+                    io.read_backing(&mut all, start)?;
+                    Some(all)
+                }
+                _ => None,
+            };
+            if let Some(mut all) = whole {
+                let tail = all.split_off((cs - tail_len) as usize);
+                all.truncate(head_len as usize);
+                return Ok((Cow::Owned(all), Cow::Owned(tail)));
+            }
+        }
+        let head = region(io, &self.head, head_len, 0, start)?;
+        let tail = region(io, &self.tail, tail_len, cs - tail_len, tail_at)?;
+        Ok((head, tail))
+    }
+}
+
+/// The old contents of one COW region of `len` bytes at `within` of its cluster
+/// (guest offset `guest`).
+fn region<'a>(
+    io: &DataIo,
+    old: &'a OldData,
+    len: u64,
+    within: u64,
+    guest: u64,
+) -> Result<Cow<'a, [u8]>> {
+    Ok(match old {
+        _ if len == 0 => Cow::Borrowed(&[]),
+        OldData::Zero => Cow::Borrowed(&ZEROS[..len as usize]),
+        OldData::Bytes(b) => Cow::Borrowed(&b[..]),
+        OldData::Host(h) => Cow::Owned(io.read_host(len, h + within, "copy-on-write")?),
+        OldData::Backing => {
+            let mut buf = vec![0u8; len as usize];
+            io.read_backing(&mut buf, guest)?;
+            Cow::Owned(buf)
+        }
+    })
 }
 
 /// True for mappings whose cluster simply gets a new host cluster on write (not an
@@ -37,247 +184,228 @@ fn allocates_plainly(m: Mapping) -> bool {
 }
 
 impl Meta {
-    /// Writes `buf` at guest `offset` (already range-checked). Runs of owned clusters
-    /// that are contiguous on the host become one host write; runs of clusters that
-    /// need allocation (within one L2 table) get one contiguous host run and one write.
+    /// Writes `buf` at guest `offset` (already range-checked) with the lock held
+    /// throughout (internal callers; guest writes go through `Image::write_at`).
     pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        let cs = self.cluster_size;
         let mut done = 0usize;
         while done < buf.len() {
-            let guest = offset + done as u64;
-            let within = guest & (cs - 1);
-            let first = ((cs - within) as usize).min(buf.len() - done);
-            match self.mapping(guest)? {
-                Mapping::Normal { host, copied: true } => {
-                    let start = host + within;
-                    let mut len = first;
-                    while done + len < buf.len() {
-                        match self.mapping(guest + len as u64)? {
-                            Mapping::Normal {
-                                host: h,
-                                copied: true,
-                            } if h == start + len as u64 => {
-                                len += (cs as usize).min(buf.len() - done - len)
-                            }
-                            _ => break,
-                        }
-                    }
-                    self.write_host("guest data", &buf[done..done + len], start)?;
+            match self.plan_write(&buf[done..], offset + done as u64)? {
+                WriteStep::InPlace { host, len } => {
+                    self.write_host("guest data", &buf[done..done + len], host)?;
                     done += len;
                 }
-                old => {
-                    let mut olds = vec![old];
-                    let mut len = first;
-                    if allocates_plainly(old) {
-                        let (l1_index, _) = self.indexes(guest);
-                        while done + len < buf.len() {
-                            let next = guest + len as u64;
-                            if self.indexes(next).0 != l1_index {
-                                break;
-                            }
-                            let m = self.mapping(next)?;
-                            if !allocates_plainly(m) {
-                                break;
-                            }
-                            olds.push(m);
-                            len += (cs as usize).min(buf.len() - done - len);
-                        }
-                    }
-                    if olds.len() == 1 {
-                        self.allocating_write(old, &buf[done..done + len], guest)?;
-                    } else {
-                        self.allocating_run(&olds, &buf[done..done + len], guest)?;
-                    }
-                    done += len;
+                WriteStep::Allocate(a) => {
+                    let filled = a.fill(&self.data_io(), &buf[done..done + a.len()]);
+                    self.finish_allocation(&a, filled)?;
+                    done += a.len();
+                }
+                WriteStep::Wait => {
+                    return Err(corrupt!(
+                        "internal: a write with the image lock held met a cluster being \
+                         allocated at guest offset {:#x}",
+                        offset + done as u64
+                    ))
                 }
             }
         }
         Ok(())
     }
 
-    /// Writes `data` at `guest` over `olds.len()` (≥ 2) consecutive clusters that all
-    /// need a new cluster: one contiguous host run, one write of head COW + data + tail
-    /// COW, then the L2 entries are switched and the old references dropped.
-    fn allocating_run(&mut self, olds: &[Mapping], data: &[u8], guest: u64) -> Result<()> {
+    /// Plans the first step of writing `buf` at guest `offset`: a run of owned clusters
+    /// contiguous on the host is written in place; a run of clusters needing a new
+    /// cluster (within one L2 table) gets one contiguous host run, reserved here.
+    pub(crate) fn plan_write(&mut self, buf: &[u8], offset: u64) -> Result<WriteStep> {
+        let cs = self.cluster_size;
+        let within = offset & (cs - 1);
+        let first = ((cs - within) as usize).min(buf.len());
+        let old = self.mapping(offset)?;
+        if let Mapping::Normal { host, copied: true } = old {
+            let start = host + within;
+            let mut len = first;
+            while len < buf.len() {
+                match self.mapping(offset + len as u64)? {
+                    Mapping::Normal {
+                        host: h,
+                        copied: true,
+                    } if h == start + len as u64 => len += (cs as usize).min(buf.len() - len),
+                    _ => break,
+                }
+            }
+            // Bytes written past the recorded end of the file are no longer zeros.
+            self.file_len = self.file_len.max(start + len as u64);
+            return Ok(WriteStep::InPlace { host: start, len });
+        }
+        let cluster = offset >> self.cluster_bits;
+        if self.inflight.exclusive_waiting() || self.inflight.busy(cluster, 1) {
+            return Ok(WriteStep::Wait);
+        }
+        let mut olds = vec![old];
+        let mut len = first;
+        if allocates_plainly(old) {
+            let (l1_index, _) = self.indexes(offset);
+            while len < buf.len() {
+                let next = offset + len as u64;
+                if self.indexes(next).0 != l1_index
+                    || self.inflight.busy(next >> self.cluster_bits, 1)
+                {
+                    break;
+                }
+                let m = self.mapping(next)?;
+                if !allocates_plainly(m) {
+                    break;
+                }
+                olds.push(m);
+                len += (cs as usize).min(buf.len() - len);
+            }
+        }
+        let a = self.reserve(olds, offset, len)?;
+        self.inflight.register(cluster, a.n);
+        Ok(WriteStep::Allocate(a))
+    }
+
+    /// Prepares a writable L2 table, decides where the COW regions come from and
+    /// reserves the host clusters for `len` bytes at `guest` over the clusters whose
+    /// mappings are `olds`.
+    fn reserve(&mut self, olds: Vec<Mapping>, guest: u64, len: usize) -> Result<Allocation> {
         let cs = self.cluster_size;
         let n = olds.len() as u64;
         let cluster_start = guest & !(cs - 1);
         let head_len = guest - cluster_start;
-        let end = guest + data.len() as u64;
+        let tail_at = guest + len as u64;
+        let tail_len = cluster_start + n * cs - tail_at;
+        self.writable_l2_table(self.indexes(guest).0)?;
         let last_start = cluster_start + (n - 1) * cs;
-        let tail_start = end - last_start;
-        let (l1_index, _) = self.indexes(guest);
-        let table = self.writable_l2_table(l1_index)?;
-        let (head, _) = self.cow_regions(olds[0], cluster_start, head_len, cs)?;
-        let (_, tail) = self.cow_regions(olds[olds.len() - 1], last_start, 0, tail_start)?;
-        let host = self.alloc_clusters(n)?;
-        if let Err(e) =
-            self.write_new_clusters(host, n, &head, data, &tail, is_zero((&head, &tail)))
-        {
-            // Give the clusters back; the old mappings still hold the old data.
-            self.update_refcounts(host, n, false)?;
-            return Err(e);
-        }
-        for (i, old) in olds.iter().enumerate() {
-            let i = i as u64;
-            self.set_l2_entry(table, cluster_start + i * cs, (host + i * cs) | COPIED)?;
-            self.free_mapping_later(*old);
-        }
-        Ok(())
-    }
-
-    /// Writes `head` + `data` + `tail` to the `n` clusters at `host` in one request. A
-    /// fresh run past the end of the file already reads as zeros, so when the COW
-    /// regions are zeros only the guest data is written (QEMU zero-fills with
-    /// fallocate instead).
-    fn write_new_clusters(
-        &mut self,
-        host: u64,
-        n: u64,
-        head: &[u8],
-        data: &[u8],
-        tail: &[u8],
-        cow_is_zero: bool,
-    ) -> Result<()> {
-        let run = n * self.cluster_size;
-        let head_len = head.len() as u64;
-        let fresh = cow_is_zero && host >= self.file_len;
-        let written = if fresh {
-            self.storage.write_at(data, host + head_len)
-        } else {
-            let pieces: Vec<&[u8]> = [head, data, tail]
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .collect();
-            self.storage.write_vectored_at(&pieces, host)
-        }
-        .map_err(Meta::io_err(format!(
-            "writing guest data to {n} cluster(s) at {host:#x}"
-        )));
-        self.host_end = self.host_end.max(host + run);
-        // A failed write may still have reached part of the run: then it no longer
-        // reads as zeros, so count the whole run as written.
-        let written_end = if fresh && written.is_ok() {
-            host + head_len + data.len() as u64
-        } else {
-            host + run
-        };
-        self.file_len = self.file_len.max(written_end);
-        written
-    }
-
-    /// Writes into a cluster this image does not own alone: a new cluster receives
-    /// head (old contents) + data + tail (old contents) in one request, then the L2
-    /// entry is switched to it and the old cluster's reference is dropped.
-    fn allocating_write(&mut self, old: Mapping, data: &[u8], guest: u64) -> Result<()> {
-        let cs = self.cluster_size;
-        let cluster_start = guest & !(cs - 1);
-        let head_len = guest - cluster_start;
-        let tail_start = head_len + data.len() as u64;
-        let (l1_index, _) = self.indexes(guest);
-        let table = self.writable_l2_table(l1_index)?;
-        let (head, tail) = self.cow_regions(old, cluster_start, head_len, tail_start)?;
-        let (host, reused) = match old {
-            Mapping::Zero {
+        let head = self.old_data(olds[0], cluster_start, 0, head_len)?;
+        let tail = self.old_data(olds[olds.len() - 1], last_start, cs - tail_len, tail_len)?;
+        let (host, reused) = match olds[..] {
+            [Mapping::Zero {
                 host: Some(h),
                 copied: true,
-            } => (h, true),
-            _ => (self.alloc_clusters(1)?, false),
+            }] => (h, true),
+            _ => (self.alloc_clusters(n)?, false),
         };
-        if let Err(e) =
-            self.write_new_clusters(host, 1, &head, data, &tail, is_zero((&head, &tail)))
-        {
-            if !reused {
-                // Give the cluster back; the old mapping still holds the old data.
-                self.update_refcounts(host, 1, false)?;
-            }
-            return Err(e);
+        let fresh = head == OldData::Zero && tail == OldData::Zero && host >= self.file_len;
+        self.preallocate_ahead(host + n * cs)?;
+        Ok(Allocation {
+            guest,
+            len,
+            cluster_size: cs,
+            host,
+            n,
+            reused,
+            olds,
+            head,
+            tail,
+            fresh,
+        })
+    }
+
+    /// Makes sure the file's blocks are allocated up to `end`, preallocating
+    /// [`PREALLOCATE_STEP`] at a time past it. Writes into allocated blocks inside the
+    /// file need no block allocation and do not move the end of the file, so file
+    /// systems let them run in parallel (ext4 and XFS serialise O_DIRECT writes that
+    /// extend a file); new clusters past the written end still read as zeros.
+    fn preallocate_ahead(&mut self, end: u64) -> Result<()> {
+        if end <= self.preallocated_end {
+            return Ok(());
         }
-        self.set_l2_entry(table, guest, host | COPIED)?;
-        if !reused {
-            self.free_mapping_later(old);
-        }
+        let from = self.preallocated_end.max(self.file_len);
+        // Small images get no more than their own size ahead.
+        let step = PREALLOCATE_STEP.min(self.header.size.next_multiple_of(self.cluster_size));
+        let to = end.max(from) + step;
+        self.storage
+            .preallocate(from, to - from)
+            .map_err(Meta::io_err(format!(
+                "preallocating host space at {from:#x}"
+            )))?;
+        self.preallocated_end = to;
         Ok(())
     }
 
-    /// Returns the old contents of the head `[0, head_len)` and tail
-    /// `[tail_start, cluster_size)` of the cluster at guest `cluster_start`. Regions that
-    /// read as zero cost no I/O; close regions are read with one request.
-    fn cow_regions(
-        &mut self,
-        old: Mapping,
-        cluster_start: u64,
-        head_len: u64,
-        tail_start: u64,
-    ) -> Result<CowRegions> {
-        let cs = self.cluster_size;
-        let tail_len = cs - tail_start;
-        let zeros = |len: u64| Cow::Borrowed(&ZEROS[..len as usize]);
-        let (head_zero, tail_zero) = match old {
-            Mapping::Zero { .. } => (true, true),
-            Mapping::Normal { .. } | Mapping::Compressed { .. } => (head_len == 0, tail_len == 0),
-            Mapping::Unallocated => (
-                head_len == 0 || self.backing_reads_zero(cluster_start, head_len)?,
-                tail_len == 0 || self.backing_reads_zero(cluster_start + tail_start, tail_len)?,
-            ),
-        };
-        match (head_zero, tail_zero) {
-            (true, true) => Ok((zeros(head_len), zeros(tail_len))),
-            (false, true) => {
-                let mut head = vec![0u8; head_len as usize];
-                self.read_old(old, cluster_start, &mut head, 0)?;
-                Ok((Cow::Owned(head), zeros(tail_len)))
-            }
-            (true, false) => {
-                let mut tail = vec![0u8; tail_len as usize];
-                self.read_old(old, cluster_start, &mut tail, tail_start)?;
-                Ok((zeros(head_len), Cow::Owned(tail)))
-            }
-            (false, false) if tail_start - head_len <= COW_MERGE_GAP => {
-                let mut all = vec![0u8; cs as usize];
-                self.read_old(old, cluster_start, &mut all, 0)?;
-                let tail = all.split_off(tail_start as usize);
-                all.truncate(head_len as usize);
-                Ok((Cow::Owned(all), Cow::Owned(tail)))
-            }
-            (false, false) => {
-                let mut head = vec![0u8; head_len as usize];
-                self.read_old(old, cluster_start, &mut head, 0)?;
-                let mut tail = vec![0u8; tail_len as usize];
-                self.read_old(old, cluster_start, &mut tail, tail_start)?;
-                Ok((Cow::Owned(head), Cow::Owned(tail)))
-            }
+    /// Gives back host space preallocated past the last cluster (on close).
+    pub(crate) fn trim_preallocation(&mut self) -> Result<()> {
+        if self.preallocated_end <= self.host_end {
+            return Ok(());
         }
+        let end = self.host_end;
+        let len = self
+            .storage
+            .len()
+            .map_err(Meta::io_err("reading the length of the image file"))?;
+        if len > end {
+            self.storage.set_len(end).map_err(Meta::io_err(format!(
+                "trimming the image file to {end} bytes"
+            )))?;
+        }
+        self.preallocated_end = end;
+        Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `within` of a cluster's old contents (one request).
-    fn read_old(
+    /// Where the old contents of `len` bytes at `within` of the cluster at guest
+    /// `cluster_start` (mapped by `old`) come from. Compressed data is decompressed now.
+    fn old_data(
         &mut self,
         old: Mapping,
         cluster_start: u64,
-        buf: &mut [u8],
         within: u64,
-    ) -> Result<()> {
-        match old {
+        len: u64,
+    ) -> Result<OldData> {
+        if len == 0 {
+            return Ok(OldData::Zero);
+        }
+        Ok(match old {
+            Mapping::Zero { .. } => OldData::Zero,
             Mapping::Normal { host, .. } => {
                 self.check_data_cluster(host)?;
-                self.storage
-                    .read_at(buf, host + within)
-                    .map_err(Meta::io_err(format!(
-                        "reading cluster at {host:#x} for copy-on-write"
-                    )))
+                OldData::Host(host)
             }
-            Mapping::Unallocated => self.read_backing(buf, cluster_start + within),
-            Mapping::Compressed { offset, len } => {
-                // Decompressed once per cluster: head and tail share the result.
-                let data = self.decompressed(offset, len)?;
-                buf.copy_from_slice(&data[within as usize..within as usize + buf.len()]);
-                Ok(())
+            Mapping::Unallocated => {
+                if self.backing_reads_zero(cluster_start + within, len)? {
+                    OldData::Zero
+                } else {
+                    self.check_backing_opened(cluster_start + within)?;
+                    OldData::Backing
+                }
             }
-            _ => {
-                buf.fill(0);
-                Ok(())
+            Mapping::Compressed { offset, len: clen } => {
+                let data = self.decompressed(offset, clen)?;
+                OldData::Bytes(data[within as usize..(within + len) as usize].to_vec())
+            }
+        })
+    }
+
+    /// Ends an allocation whose clusters were filled with result `filled`: on success
+    /// the L2 entries switch to the new clusters and the old references are dropped;
+    /// on failure the clusters are given back (the old mappings still hold the old
+    /// data). Either way the guest clusters stop being in flight.
+    pub(crate) fn finish_allocation(&mut self, a: &Allocation, filled: Result<()>) -> Result<()> {
+        let cs = a.cluster_size;
+        let start = a.cluster_start();
+        self.inflight.unregister(start >> self.cluster_bits, a.n);
+        // The run is written (or preallocated) to its end; a failed write may have
+        // reached any part of it. Either way it no longer lies past the end of the file.
+        self.file_len = self.file_len.max(a.host + a.n * cs);
+        if let Err(e) = filled {
+            if !a.reused {
+                self.update_refcounts(a.host, a.n, false)?;
+            }
+            return Err(e);
+        }
+        let table = self.writable_l2_table(self.indexes(start).0)?;
+        for (i, old) in a.olds.iter().enumerate() {
+            let guest = start + i as u64 * cs;
+            let now = self.mapping(guest)?;
+            if now != *old {
+                return Err(corrupt!(
+                    "internal: the mapping of guest cluster {guest:#x} changed during its \
+                     allocation ({old:?} became {now:?})"
+                ));
+            }
+            self.set_l2_entry(table, guest, (a.host + i as u64 * cs) | COPIED)?;
+            if !a.reused {
+                self.free_mapping_later(*old);
             }
         }
+        Ok(())
     }
 }

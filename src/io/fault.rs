@@ -1,9 +1,11 @@
 //! A [`Storage`] wrapper that counts and logs requests and injects failures, for tests:
-//! "fail every write from the N-th on" simulates a crash at any point.
+//! "fail every write from the N-th on" simulates a crash at any point, and a delay on
+//! every request makes a slow disk, widening the windows concurrency bugs hide in.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::Storage;
 
@@ -48,6 +50,9 @@ pub struct FaultStorage {
     writes_seen: AtomicU64,
     fail_writes_from: AtomicU64,
     fail_flushes: AtomicBool,
+    /// Microseconds every read / write sleeps before reaching the inner storage.
+    read_delay_us: AtomicU64,
+    write_delay_us: AtomicU64,
 }
 
 impl FaultStorage {
@@ -59,6 +64,24 @@ impl FaultStorage {
             writes_seen: AtomicU64::new(0),
             fail_writes_from: AtomicU64::new(u64::MAX),
             fail_flushes: AtomicBool::new(false),
+            read_delay_us: AtomicU64::new(0),
+            write_delay_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes every later read and write sleep `read` and `write` before reaching the
+    /// inner storage (a slow disk).
+    pub fn set_delays(&self, read: Duration, write: Duration) {
+        self.read_delay_us
+            .store(read.as_micros() as u64, Ordering::SeqCst);
+        self.write_delay_us
+            .store(write.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    fn sleep(delay_us: &AtomicU64) {
+        let us = delay_us.load(Ordering::Relaxed);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
         }
     }
 
@@ -119,6 +142,7 @@ impl Storage for FaultStorage {
             offset,
             len: buf.len() as u64,
         });
+        FaultStorage::sleep(&self.read_delay_us);
         self.inner.read_at(buf, offset)
     }
 
@@ -133,6 +157,7 @@ impl Storage for FaultStorage {
             len: bufs.iter().map(|b| b.len() as u64).sum(),
             pieces: bufs.len(),
         });
+        FaultStorage::sleep(&self.write_delay_us);
         self.inner.write_vectored_at(bufs, offset)
     }
 
@@ -156,6 +181,12 @@ impl Storage for FaultStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_write()?;
         self.inner.punch_hole(offset, len)
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // It changes the file, so it can fail like a write; not logged as one.
+        self.check_write()?;
+        self.inner.preallocate(offset, len)
     }
 
     fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use super::Storage;
 
@@ -19,7 +19,7 @@ pub struct FileStorage {
     file: File,
     direct: bool,
     /// Serialises read-modify-write cycles of unaligned O_DIRECT writes.
-    rmw: Mutex<()>,
+    rmw: RwLock<()>,
 }
 
 /// A zeroed, `DIRECT_ALIGN`-aligned heap buffer.
@@ -89,7 +89,7 @@ impl FileStorage {
         FileStorage {
             file,
             direct,
-            rmw: Mutex::new(()),
+            rmw: RwLock::new(()),
         }
     }
 
@@ -185,13 +185,16 @@ impl FileStorage {
                 .iter()
                 .all(|b| is_aligned(b.len() as u64) && is_aligned(b.as_ptr() as u64));
         if aligned {
+            // Shared: aligned writes overlap each other, but never a read-modify-write,
+            // which may briefly extend the file and cut it back.
+            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
             return self.pwritev_full(bufs, offset);
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + total).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
         let len = (end - start) as usize;
         let mut bounce = AlignedBuf::new(len);
-        let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         let old_len = self.file.metadata()?.len();
         let a = DIRECT_ALIGN;
         if start < offset {
@@ -276,6 +279,30 @@ impl Storage for FileStorage {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             // The file system cannot punch holes: the space just stays allocated.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Shared with aligned writes: an unaligned O_DIRECT write may cut the file back
+        // to the length it saw, which must not undo this extension.
+        let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: plain syscall on an owned descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No fallocate here: writes allocate as they go.
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
             _ => Err(e),
         }

@@ -68,6 +68,15 @@ impl Storage for MemStorage {
         Ok(())
     }
 
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let end = (offset + len) as usize;
+        if end > data.len() {
+            data.resize(end, 0);
+        }
+        Ok(())
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.data
             .write()

@@ -34,6 +34,14 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// Reserves space for `[offset, offset+len)` so that later writes there neither
+    /// allocate blocks nor move the end of the file; extends the length when the range
+    /// ends past it, never shrinks it. Contents are unchanged (zeros past the old end).
+    /// Storage that cannot may do nothing.
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Where `offset` lies in a run of data (`true`) or a hole (`false`), and where that
     /// run ends; `None` when the storage cannot tell (treat as data).
     fn extent_at(&self, offset: u64) -> io::Result<Option<(bool, u64)>> {

@@ -1,0 +1,234 @@
+//! Guest reads and writes with their data I/O outside the metadata lock.
+//!
+//! The lock (`Meta`) is held only to plan: map guest bytes to host runs, reserve new
+//! clusters, and afterwards switch L2 entries. Three rules keep that safe:
+//!
+//! - **The I/O gate.** Every transfer done without the lock holds [`Meta::gate`]
+//!   shared, taken before the lock is released. Before any host cluster's refcount
+//!   reaches 0 (so before it can be reused), the freeing code, under the lock, takes
+//!   the gate exclusively once ([`Meta::drain_data_io`]): transfers planned against an
+//!   old mapping have ended by then, and new ones see the new mapping.
+//! - **In-flight allocations.** An allocating write registers its guest clusters in
+//!   [`InFlight`] until their L2 entries point to the filled clusters. A second write
+//!   to one of them waits on the image's condition variable and plans again (then
+//!   finds an owned cluster and writes in place). Readers keep seeing the old mapping,
+//!   hence the old data, until the switch.
+//! - **Exclusive operations.** Operations that change mappings wholesale (zeroes,
+//!   discard, compressed writes, snapshots, resize) first wait until no allocation is
+//!   in flight (holding new ones back) and then drain the gate ([`Image::exclusive`]).
+//!
+//! A thread never waits for the lock while it holds the gate, so the two cannot
+//! deadlock.
+
+use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
+
+use super::backing::Backing;
+use super::meta::Meta;
+use super::read::ReadTask;
+use super::write::WriteStep;
+use super::Image;
+use crate::error::{Error, Result};
+use crate::io::Storage;
+
+/// What a data transfer needs when it runs without the lock.
+pub(crate) struct DataIo {
+    pub storage: Arc<dyn Storage>,
+    pub backing: Option<Arc<Backing>>,
+    pub gate: Arc<RwLock<()>>,
+}
+
+impl DataIo {
+    /// Holds the gate shared for the transfer about to run without the lock.
+    fn enter(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads `len` bytes at host offset `host`.
+    pub(crate) fn read_host(&self, len: u64, host: u64, why: &str) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut buf, host)
+            .map_err(Meta::io_err(format!("reading host {host:#x} for {why}")))?;
+        Ok(buf)
+    }
+
+    /// Reads unallocated guest bytes at `guest` from the backing chain (zeros without
+    /// one).
+    pub(crate) fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read_at(buf, guest),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs planned read tasks into `buf`.
+    pub(crate) fn run_reads(&self, buf: &mut [u8], tasks: &[ReadTask]) -> Result<()> {
+        for &task in tasks {
+            match task {
+                ReadTask::Host { host, start, len } => self
+                    .storage
+                    .read_at(&mut buf[start..start + len], host)
+                    .map_err(Meta::io_err(format!(
+                        "reading guest data at host {host:#x}"
+                    )))?,
+                ReadTask::Backing { guest, start, len } => {
+                    self.read_backing(&mut buf[start..start + len], guest)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Guest clusters being allocated by writes that run without the lock, and whether
+/// an exclusive operation is waiting for them to end.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    /// (first guest cluster index, clusters) of each allocation in flight.
+    runs: Vec<(u64, u64)>,
+    /// Exclusive operations waiting: no new allocation starts meanwhile.
+    exclusive_waiting: usize,
+}
+
+impl InFlight {
+    /// True when any of the `n` guest clusters from index `first` is being allocated.
+    pub(crate) fn busy(&self, first: u64, n: u64) -> bool {
+        self.runs
+            .iter()
+            .any(|&(s, len)| s < first + n && first < s + len)
+    }
+
+    /// True when an exclusive operation waits for the allocations in flight to end.
+    pub(crate) fn exclusive_waiting(&self) -> bool {
+        self.exclusive_waiting > 0
+    }
+
+    pub(crate) fn register(&mut self, first: u64, n: u64) {
+        self.runs.push((first, n));
+    }
+
+    pub(crate) fn unregister(&mut self, first: u64, n: u64) {
+        if let Some(i) = self.runs.iter().position(|&r| r == (first, n)) {
+            self.runs.swap_remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+}
+
+impl Image {
+    /// Reads `buf.len()` bytes at guest `offset`; the range must lie within the
+    /// virtual size. Host and backing I/O run without the image lock, so reads and
+    /// writes from many threads overlap.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut meta = self.lock()?;
+        Image::check_range(&meta, buf.len(), offset, "read")?;
+        let tasks = meta.plan_read(buf, offset)?;
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let io = meta.data_io();
+        let _gate = io.enter();
+        drop(meta);
+        io.run_reads(buf, &tasks)
+    }
+
+    /// Writes `buf` at guest `offset`; the range must lie within the virtual size.
+    /// Data I/O (including copy-on-write reads) runs without the image lock; a write
+    /// into a cluster another write is allocating waits for that allocation. On
+    /// failure the old data stays readable; a failure that may have left metadata
+    /// half-updated makes the handle refuse further writes.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut meta = self.lock()?;
+        meta.check_writable()?;
+        Image::check_range(&meta, buf.len(), offset, "write")?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let step = match meta.plan_write(&buf[done..], at) {
+                Ok(step) => step,
+                Err(e) => return Err(meta.judge("a write", e)),
+            };
+            match step {
+                WriteStep::Wait => {
+                    meta = self.wait(meta)?;
+                    meta.check_writable()?;
+                }
+                WriteStep::InPlace { host, len } => {
+                    let io = meta.data_io();
+                    let gate = io.enter();
+                    drop(meta);
+                    let written = io
+                        .storage
+                        .write_at(&buf[done..done + len], host)
+                        .map_err(Meta::io_err(format!("writing guest data at {host:#x}")));
+                    drop(gate);
+                    done += len;
+                    if written.is_ok() && done == buf.len() {
+                        return Ok(());
+                    }
+                    meta = self.lock()?;
+                    if let Err(e) = written {
+                        return Err(meta.judge("a write", e));
+                    }
+                    meta.check_writable()?;
+                }
+                WriteStep::Allocate(a) => {
+                    let io = meta.data_io();
+                    let gate = io.enter();
+                    drop(meta);
+                    let filled = a.fill(&io, &buf[done..done + a.len()]);
+                    drop(gate);
+                    meta = self.lock()?;
+                    let finished = meta.finish_allocation(&a, filled);
+                    self.allocation_ended.notify_all();
+                    if let Err(e) = finished {
+                        return Err(meta.judge("a write", e));
+                    }
+                    done += a.len();
+                    if done < buf.len() {
+                        meta.check_writable()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (releasing the lock) until an allocation in flight ends or an exclusive
+    /// operation is done.
+    fn wait<'a>(&'a self, meta: MutexGuard<'a, Meta>) -> Result<MutexGuard<'a, Meta>> {
+        self.allocation_ended
+            .wait(meta)
+            .map_err(|_| Error::Broken("an earlier call panicked while updating the image".into()))
+    }
+
+    /// Takes the lock for an operation that changes mappings wholesale: waits until no
+    /// allocation is in flight (new ones wait meanwhile), then until every data
+    /// transfer without the lock has ended.
+    pub(crate) fn exclusive(&self) -> Result<MutexGuard<'_, Meta>> {
+        let mut meta = self.lock()?;
+        meta.inflight.exclusive_waiting += 1;
+        while !meta.inflight.is_empty() {
+            meta = match self.wait(meta) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Poisoned: nothing more can run on this handle anyway.
+                    return Err(e);
+                }
+            };
+        }
+        meta.inflight.exclusive_waiting -= 1;
+        if meta.inflight.exclusive_waiting == 0 {
+            // Writes held back for us plan again once we release the lock.
+            self.allocation_ended.notify_all();
+        }
+        meta.drain_data_io();
+        Ok(meta)
+    }
+}
