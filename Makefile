@@ -5,6 +5,7 @@
 #   make demo       create an image in build/demo/ and show qemu-img accepting it
 #   make deps       install missing tools (Go, pytest, valgrind, qemu-img) on Debian
 #   make bench      cowdisk vs qemu-img on the same workloads → BENCHMARKS.md
+#   make stress     the concurrency races, STRESS_ROUNDS rounds each (default 100)
 #   make clean      remove build products
 #
 # `make test TEST_STAGES="c go"` runs only some stages.
@@ -33,7 +34,7 @@ VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kind
 # Run each stage even when an earlier one failed; `make test` fails if any did.
 TEST_STAGES ?= fmt clippy header rust c python go
 
-.PHONY: bench all build header deps test test-fmt test-clippy test-header test-rust test-c \
+.PHONY: bench stress all build header deps test test-fmt test-clippy test-header test-rust test-c \
         test-python test-go demo clean help
 
 all: header
@@ -74,6 +75,11 @@ test: deps
 	printf '\n==> summary\n'; printf '%s\n' "$${results[@]}"; \
 	if [ $$failed -ne 0 ]; then echo "make test: $$failed stage(s) failed"; exit 1; fi; \
 	echo "make test: all stages passed"
+
+STRESS_ROUNDS ?= 100
+
+stress:
+	COWDISK_STRESS_ROUNDS=$(STRESS_ROUNDS) $(CARGO) test --release --test concurrency -- --nocapture
 
 test-fmt:
 	$(CARGO) fmt --all -- --check
