@@ -219,6 +219,30 @@ impl FileStorage {
     }
 }
 
+impl FileStorage {
+    /// fallocate(2) with `mode`; a file system without it (or without the mode) is
+    /// not an error: these calls only save space or time.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on an owned descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
+    }
+}
+
 fn direct_hint(e: io::Error, direct: bool) -> io::Error {
     if direct && e.raw_os_error() == Some(libc::EINVAL) {
         io::Error::new(
@@ -264,48 +288,20 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: plain syscall on an owned descriptor.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // The file system cannot punch holes: the space just stays allocated.
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-            _ => Err(e),
-        }
+        // Where holes cannot be punched the space just stays allocated.
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
         // Shared with aligned writes: an unaligned O_DIRECT write may cut the file back
         // to the length it saw, which must not undo this extension.
         let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: plain syscall on an owned descriptor.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                0,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            // No fallocate here: writes allocate as they go.
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-            _ => Err(e),
-        }
+        // Without fallocate, writes allocate as they go.
+        self.fallocate(0, offset, len)
     }
 
     fn allocated_size(&self) -> io::Result<Option<u64>> {
