@@ -83,6 +83,20 @@ pub(crate) struct CompressState {
     dependents: HashSet<u64>,
     /// The last cluster decompressed: (host byte offset, contents).
     last: Option<(u64, Box<[u8]>)>,
+    /// Counts releases of host clusters: a cluster decompressed without the lock is
+    /// kept as `last` only if none happened meanwhile (its bytes may be reused).
+    generation: u64,
+}
+
+/// A compressed cluster to read and decompress without the lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CompressedRead {
+    /// Host byte offset of the compressed data (as the L2 descriptor names it).
+    pub offset: u64,
+    /// Bytes to read there (clamped to the file).
+    pub len: u64,
+    /// `CompressState::generation` when planned.
+    pub generation: u64,
 }
 
 impl CompressState {
@@ -97,6 +111,7 @@ impl CompressState {
             }),
             dependents: HashSet::new(),
             last: None,
+            generation: 0,
         }
     }
 }
@@ -280,14 +295,7 @@ impl Meta {
     /// descriptor names them), taking bytes still in the write cache from there.
     fn read_compressed_bytes(&mut self, offset: u64, len: u64) -> Result<Vec<u8>> {
         let cs = self.cluster_size;
-        if offset < cs || offset >= self.host_end {
-            return Err(corrupt!(
-                "compressed cluster at {offset:#x} lies outside the file ({} bytes)",
-                self.host_end
-            ));
-        }
-        // The last sector named may run past the end of the file: read what exists.
-        let len = len.min(self.host_end - offset);
+        let len = self.compressed_extent(offset, len)?;
         let mut buf = vec![0u8; len as usize];
         self.storage
             .read_at(&mut buf, offset)
@@ -306,6 +314,52 @@ impl Meta {
             }
         }
         Ok(buf)
+    }
+
+    /// Checks where a compressed cluster's bytes lie and returns how many to read (the
+    /// last sector named may run past the end of the file: only what exists).
+    fn compressed_extent(&self, offset: u64, len: u64) -> Result<u64> {
+        if offset < self.cluster_size || offset >= self.host_end {
+            return Err(corrupt!(
+                "compressed cluster at {offset:#x} lies outside the file ({} bytes)",
+                self.host_end
+            ));
+        }
+        Ok(len.min(self.host_end - offset))
+    }
+
+    /// Plans reading the compressed cluster at `[offset, offset+len)` without the
+    /// lock; `None` when it must be read under the lock (it is the cached last cluster,
+    /// or some of its bytes are still only in the write cache).
+    pub(crate) fn plan_compressed_read(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<CompressedRead>> {
+        let c = &self.compress;
+        if matches!(&c.last, Some((o, _)) if *o == offset) {
+            return Ok(None);
+        }
+        let len = self.compressed_extent(offset, len)?;
+        if let Some(cache) = &c.cache {
+            let first = offset & !(self.cluster_size - 1);
+            if cache.clusters.range(first..offset + len).next().is_some() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(CompressedRead {
+            offset,
+            len,
+            generation: c.generation,
+        }))
+    }
+
+    /// Keeps a cluster decompressed without the lock as the last one, unless a host
+    /// cluster was released since it was planned.
+    pub(crate) fn keep_decompressed(&mut self, read: CompressedRead, data: Box<[u8]>) {
+        if self.compress.generation == read.generation {
+            self.compress.last = Some((read.offset, data));
+        }
     }
 
     /// The decompressed contents of the compressed cluster whose descriptor names
@@ -339,6 +393,7 @@ impl Meta {
             cache.clusters.remove(&host);
         }
         c.last = None;
+        c.generation += 1;
     }
 
     /// Chooses where `len` compressed bytes go: right after the previous compressed
@@ -611,6 +666,49 @@ impl super::Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_decompressed_across_a_release_is_not_kept() {
+        use crate::format::entry::Mapping;
+        use crate::image::{CreateOptions, Image, OpenOptions};
+        let storage = std::sync::Arc::new(crate::io::MemStorage::new());
+        Image::create_on(storage.clone(), 1 << 20, &CreateOptions::default()).unwrap();
+        // Without the write cache (clusters still in it are read under the lock).
+        let opts = OpenOptions {
+            compressed_cache_size: 0,
+            ..OpenOptions::default()
+        };
+        let img = Image::open_storage(storage, &opts).unwrap();
+        img.write_compressed(&sample(65536), 0).unwrap();
+        img.write_compressed(&sample(65536), 65536).unwrap();
+        img.flush().unwrap();
+        let mut meta = img.lock().unwrap();
+        let Mapping::Compressed { offset, len } = meta.mapping(0).unwrap() else {
+            panic!("cluster 0 is not compressed");
+        };
+        for released in [false, true] {
+            meta.compress.last = None;
+            let read = meta
+                .plan_compressed_read(offset, len)
+                .unwrap()
+                .expect("lock-free");
+            // The read runs without the lock: meanwhile a host cluster may be released.
+            let data = meta.data_io().decompress(&read).unwrap();
+            assert_eq!(&data[..], &sample(65536)[..]);
+            if released {
+                meta.compressed_host_cluster_freed(1 << 20);
+            }
+            meta.keep_decompressed(read, data);
+            assert_eq!(
+                meta.compress.last.is_some(),
+                !released,
+                "released: {released}"
+            );
+        }
+        // The kept cluster is served under the lock, not planned again.
+        meta.decompressed(offset, len).unwrap();
+        assert!(meta.plan_compressed_read(offset, len).unwrap().is_none());
+    }
 
     fn sample(cs: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(cs);

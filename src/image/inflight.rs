@@ -23,18 +23,26 @@
 use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::backing::Backing;
+use super::compress::{decompress, CompressedRead};
 use super::meta::Meta;
 use super::read::ReadTask;
 use super::write::WriteStep;
+use super::CompressionType;
 use super::Image;
+use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::io::Storage;
+
+/// A cluster decompressed by a read, offered to the cache of the last one.
+pub(crate) type Decompressed = Option<(CompressedRead, Box<[u8]>)>;
 
 /// What a data transfer needs when it runs without the lock.
 pub(crate) struct DataIo {
     pub storage: Arc<dyn Storage>,
     pub backing: Option<Arc<Backing>>,
     pub gate: Arc<RwLock<()>>,
+    pub cluster_size: u64,
+    pub compression: CompressionType,
 }
 
 impl DataIo {
@@ -64,8 +72,24 @@ impl DataIo {
         }
     }
 
-    /// Runs planned read tasks into `buf`.
-    pub(crate) fn run_reads(&self, buf: &mut [u8], tasks: &[ReadTask]) -> Result<()> {
+    /// Reads and decompresses a compressed cluster.
+    pub(crate) fn decompress(&self, read: &CompressedRead) -> Result<Box<[u8]>> {
+        let offset = read.offset;
+        let input = self.read_host(read.len, offset, "a compressed cluster")?;
+        let mut out = vec![0u8; self.cluster_size as usize].into_boxed_slice();
+        decompress(self.compression, &input, &mut out).map_err(|why| {
+            corrupt!(
+                "compressed cluster at {offset:#x} does not decompress to {} bytes: {why}",
+                self.cluster_size
+            )
+        })?;
+        Ok(out)
+    }
+
+    /// Runs planned read tasks into `buf`. Returns the last compressed cluster it
+    /// decompressed, for the caller to keep (see `Meta::keep_decompressed`).
+    pub(crate) fn run_reads(&self, buf: &mut [u8], tasks: &[ReadTask]) -> Result<Decompressed> {
+        let mut last: Decompressed = None;
         for &task in tasks {
             match task {
                 ReadTask::Host { host, start, len } => self
@@ -77,9 +101,22 @@ impl DataIo {
                 ReadTask::Backing { guest, start, len } => {
                     self.read_backing(&mut buf[start..start + len], guest)?
                 }
+                ReadTask::Compressed {
+                    read,
+                    within,
+                    start,
+                    len,
+                } => {
+                    let data = match last.take() {
+                        Some((r, data)) if r.offset == read.offset => data,
+                        _ => self.decompress(&read)?,
+                    };
+                    buf[start..start + len].copy_from_slice(&data[within..within + len]);
+                    last = Some((read, data));
+                }
             }
         }
-        Ok(())
+        Ok(last)
     }
 }
 
@@ -133,9 +170,15 @@ impl Image {
             return Ok(());
         }
         let io = meta.data_io();
-        let _gate = io.enter();
+        let gate = io.enter();
         drop(meta);
-        io.run_reads(buf, &tasks)
+        let last = io.run_reads(buf, &tasks)?;
+        drop(gate);
+        if let Some((read, data)) = last {
+            // Reading a compressed cluster piece by piece decompresses it once.
+            self.lock()?.keep_decompressed(read, data);
+        }
+        Ok(())
     }
 
     /// Writes `buf` at guest `offset`; the range must lie within the virtual size.

@@ -91,6 +91,8 @@ impl Meta {
             storage: Arc::clone(&self.storage),
             backing: self.backing.clone(),
             gate: Arc::clone(&self.gate),
+            cluster_size: self.cluster_size,
+            compression: self.compression_type(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! The read path: guest ranges are split by cluster, classified, and contiguous pieces
 //! of the same kind (adjacent host clusters, zeros, backing file) are read together.
-//! Planning happens under the lock; the host and backing I/O may run without it.
+//! Planning happens under the lock; host and backing I/O and decompression may run
+//! without it.
 
+use super::compress::CompressedRead;
 use super::meta::Meta;
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -16,6 +18,14 @@ pub(crate) enum ReadTask {
     /// without one) into the buffer at `start`.
     Backing {
         guest: u64,
+        start: usize,
+        len: usize,
+    },
+    /// `len` bytes at `within` of the compressed cluster `read` into the buffer at
+    /// `start`.
+    Compressed {
+        read: CompressedRead,
+        within: usize,
         start: usize,
         len: usize,
     },
@@ -51,12 +61,16 @@ impl Meta {
     /// held throughout (internal callers; guest reads go through `Image::read_at`).
     pub(crate) fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let tasks = self.plan_read(buf, offset)?;
-        self.data_io().run_reads(buf, &tasks)
+        if let Some((read, data)) = self.data_io().run_reads(buf, &tasks)? {
+            self.keep_decompressed(read, data);
+        }
+        Ok(())
     }
 
-    /// Resolves a read of guest bytes at `offset` (already range-checked): zeros and
-    /// compressed clusters are filled into `buf` now; what needs host or backing I/O
-    /// is returned as tasks (contiguous pieces merged), which may run without the lock.
+    /// Resolves a read of guest bytes at `offset` (already range-checked): zeros (and
+    /// compressed data cached or still in the write cache) are filled into `buf` now;
+    /// what needs I/O is returned as tasks (contiguous pieces merged), which may run
+    /// without the lock.
     pub(crate) fn plan_read(&mut self, buf: &mut [u8], offset: u64) -> Result<Vec<ReadTask>> {
         let cs = self.cluster_size;
         let mut tasks = Vec::new();
@@ -116,6 +130,16 @@ impl Meta {
                 len: clen,
                 within,
             } => {
+                if let Some(read) = self.plan_compressed_read(offset, clen)? {
+                    // Decompression runs without the lock too.
+                    tasks.push(ReadTask::Compressed {
+                        read,
+                        within: within as usize,
+                        start,
+                        len,
+                    });
+                    return Ok(());
+                }
                 let data = self.decompressed(offset, clen)?;
                 buf[start..start + len]
                     .copy_from_slice(&data[within as usize..within as usize + len]);
