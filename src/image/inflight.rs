@@ -18,7 +18,8 @@
 //!   in flight (holding new ones back) and then drain the gate ([`Image::exclusive`]).
 //!
 //! A thread never waits for the lock while it holds the gate, so the two cannot
-//! deadlock.
+//! deadlock. Compressed clusters are read and decompressed without the lock as well,
+//! except the cached last one and bytes still in the compressed-write cache.
 
 use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
 
