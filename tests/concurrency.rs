@@ -195,6 +195,20 @@ fn describe(index: u64, bytes: &[u8]) -> String {
     out.join(", ")
 }
 
+/// Creates an empty image of the race's size.
+fn create_disk(p: &std::path::Path, cs: u32) {
+    let opts = CreateOptions {
+        cluster_size: cs,
+        ..CreateOptions::default()
+    };
+    Image::create(p, DISK, &opts).unwrap();
+}
+
+/// Sector `index` of a whole-disk buffer.
+fn sector_of(all: &[u8], index: u64) -> &[u8] {
+    &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize]
+}
+
 /// Rounds of each race (`COWDISK_STRESS_ROUNDS`, default 6; `make stress` runs many).
 fn rounds() -> u64 {
     std::env::var("COWDISK_STRESS_ROUNDS")
@@ -402,7 +416,7 @@ fn reads_race_writes(s: &Scratch, cs: u32, direct: bool, seed: u64) {
         } else {
             expected[index as usize]
         };
-        let chunk = &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize];
+        let chunk = sector_of(&all, index);
         assert_eq!(
             seen(index, chunk, false),
             Seen::Version(want),
@@ -424,15 +438,7 @@ fn writes_race_zeroes(s: &Scratch, cs: u32, direct: bool, seed: u64) {
     // (Not with 512-byte clusters: 16 384 slow compressed reads per pass.)
     let prefilled = seed % 2 == 1 && cs >= 4096;
     let p = s.path("z.qcow2");
-    Image::create(
-        &p,
-        DISK,
-        &CreateOptions {
-            cluster_size: cs,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
+    create_disk(&p, cs);
     let img = open_for_race(&p, direct);
     if prefilled {
         let mut data = Vec::with_capacity(DISK as usize);
@@ -447,7 +453,7 @@ fn writes_race_zeroes(s: &Scratch, cs: u32, direct: bool, seed: u64) {
     let last = race(&img, Race::ZeroesAndDiscards, seed, ops);
     let all = read_all(&img);
     for index in 0..sectors {
-        let chunk = &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize];
+        let chunk = sector_of(&all, index);
         let got = seen(index, chunk, false);
         let want = match last[index as usize] {
             0 if prefilled => PREFILLED,
@@ -515,15 +521,7 @@ fn crash_while_threads_write() {
         let s = Scratch::new("race-crash");
         let p = s.path("c.qcow2");
         let cs = [4096u32, 65536][k % 2];
-        Image::create(
-            &p,
-            DISK,
-            &CreateOptions {
-                cluster_size: cs,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+        create_disk(&p, cs);
         let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, true, false).unwrap());
         let fault = Arc::new(FaultStorage::new(file));
         let img = Arc::new(Image::open_storage(fault.clone(), &OpenOptions::default()).unwrap());
@@ -571,7 +569,7 @@ fn crash_while_threads_write() {
         .unwrap();
         let all = read_all(&img);
         for index in 0..DISK / SECTOR {
-            let chunk = &all[(index * SECTOR) as usize..((index + 1) * SECTOR) as usize];
+            let chunk = sector_of(&all, index);
             let got = seen(index, chunk, false);
             assert!(
                 matches!(got, Seen::Zero | Seen::Version(_)),

@@ -116,6 +116,24 @@ impl CompressState {
     }
 }
 
+/// Decompresses the compressed cluster read from host byte `offset` (`input`) into a
+/// new cluster-sized buffer; a cluster that does not decompress to exactly that size
+/// is corrupt.
+pub(crate) fn decompress_cluster(
+    kind: CompressionType,
+    cluster_size: u64,
+    offset: u64,
+    input: &[u8],
+) -> Result<Box<[u8]>> {
+    let mut out = vec![0u8; cluster_size as usize].into_boxed_slice();
+    decompress(kind, input, &mut out).map_err(|why| {
+        corrupt!(
+            "compressed cluster at {offset:#x} does not decompress to {cluster_size} bytes: {why}"
+        )
+    })?;
+    Ok(out)
+}
+
 /// Decompresses one cluster: `out` (exactly one cluster) must be filled completely.
 /// Input beyond the end of the stream is ignored; deflate streams with any window
 /// size are accepted.
@@ -369,13 +387,8 @@ impl Meta {
         let hit = matches!(&self.compress.last, Some((o, _)) if *o == offset);
         if !hit {
             let input = self.read_compressed_bytes(offset, len)?;
-            let mut out = vec![0u8; self.cluster_size as usize].into_boxed_slice();
-            decompress(self.compression_type(), &input, &mut out).map_err(|why| {
-                corrupt!(
-                    "compressed cluster at {offset:#x} does not decompress to {} bytes: {why}",
-                    self.cluster_size
-                )
-            })?;
+            let out =
+                decompress_cluster(self.compression_type(), self.cluster_size, offset, &input)?;
             self.compress.last = Some((offset, out));
         }
         Ok(&self.compress.last.as_ref().expect("just filled").1)

@@ -24,13 +24,12 @@
 use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::backing::Backing;
-use super::compress::{decompress, CompressedRead};
+use super::compress::{decompress_cluster, CompressedRead};
 use super::meta::Meta;
 use super::read::ReadTask;
 use super::write::WriteStep;
 use super::CompressionType;
 use super::Image;
-use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::io::Storage;
 
@@ -75,16 +74,8 @@ impl DataIo {
 
     /// Reads and decompresses a compressed cluster.
     pub(crate) fn decompress(&self, read: &CompressedRead) -> Result<Box<[u8]>> {
-        let offset = read.offset;
-        let input = self.read_host(read.len, offset, "a compressed cluster")?;
-        let mut out = vec![0u8; self.cluster_size as usize].into_boxed_slice();
-        decompress(self.compression, &input, &mut out).map_err(|why| {
-            corrupt!(
-                "compressed cluster at {offset:#x} does not decompress to {} bytes: {why}",
-                self.cluster_size
-            )
-        })?;
-        Ok(out)
+        let input = self.read_host(read.len, read.offset, "a compressed cluster")?;
+        decompress_cluster(self.compression, self.cluster_size, read.offset, &input)
     }
 
     /// Runs planned read tasks into `buf`. Returns the last compressed cluster it
@@ -259,13 +250,7 @@ impl Image {
         let mut meta = self.lock()?;
         meta.inflight.exclusive_waiting += 1;
         while !meta.inflight.is_empty() {
-            meta = match self.wait(meta) {
-                Ok(m) => m,
-                Err(e) => {
-                    // Poisoned: nothing more can run on this handle anyway.
-                    return Err(e);
-                }
-            };
+            meta = self.wait(meta)?;
         }
         meta.inflight.exclusive_waiting -= 1;
         if meta.inflight.exclusive_waiting == 0 {

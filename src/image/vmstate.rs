@@ -409,6 +409,18 @@ struct Writer {
     readahead: Option<(u64, u64, Vec<u8>)>,
 }
 
+/// The end of `len` bytes of VM state at `pos`, if the image can hold them.
+fn room_for(w: &Writer, len: usize, pos: u64) -> Result<u64> {
+    pos.checked_add(len as u64)
+        .filter(|&e| e <= w.limit)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "VM state of {len} bytes at position {pos} exceeds the {} bytes this image can hold",
+                w.limit
+            ))
+        })
+}
+
 /// The VM state machinery of one image.
 pub(crate) struct VmState {
     chunk: usize,
@@ -485,14 +497,7 @@ impl VmState {
         if w.buf.is_empty() {
             self.refresh_limit(&mut w)?;
         }
-        let end = pos.checked_add(data.len() as u64).filter(|&e| e <= w.limit);
-        let Some(end) = end else {
-            return Err(Error::InvalidArgument(format!(
-                "VM state of {} bytes at position {pos} exceeds the {} bytes this image can hold",
-                data.len(),
-                w.limit
-            )));
-        };
+        let end = room_for(&w, data.len(), pos)?;
         if !sequential {
             w.next_pos = Some(end);
             return self.pool.write_now(pos, data);
@@ -531,14 +536,7 @@ impl VmState {
         w.readahead = None;
         self.hand_over(&mut w)?;
         self.refresh_limit(&mut w)?;
-        let end = pos.checked_add(data.len() as u64).filter(|&e| e <= w.limit);
-        let Some(end) = end else {
-            return Err(Error::InvalidArgument(format!(
-                "VM state of {} bytes at position {pos} exceeds the {} bytes this image can hold",
-                data.len(),
-                w.limit
-            )));
-        };
+        let end = room_for(&w, data.len(), pos)?;
         w.next_pos = Some(end);
         self.pool.write_now(pos, data)
     }

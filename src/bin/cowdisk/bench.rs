@@ -1,6 +1,7 @@
 //! `cowdisk bench`: `qemu-img bench`'s workload through cowdisk, with the same options;
 //! `cowdisk bench-compress` and `cowdisk bench-vmstate`: compressed writes and VM state saves.
 
+use crate::parse::FormatArg;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -32,9 +33,8 @@ pub struct BenchArgs {
     /// Cache mode: `none` (O_DIRECT) or `writeback`.
     #[arg(short = 't', default_value = "writeback")]
     cache: String,
-    /// Image format (only qcow2; accepted for qemu-img compatibility).
-    #[arg(short = 'f', default_value = "qcow2")]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// Byte pattern of written data.
     #[arg(long, default_value = "0")]
     pattern: String,
@@ -50,14 +50,8 @@ pub struct BenchArgs {
 
 /// Runs the benchmark and prints `qemu-img bench`'s summary lines.
 pub fn run(args: BenchArgs) -> CliResult {
-    if args.format != "qcow2" {
-        return Err(format!("unsupported format '{}' (only qcow2)", args.format).into());
-    }
-    let direct = match args.cache.as_str() {
-        "none" | "directsync" => true,
-        "writeback" | "writethrough" | "unsafe" => false,
-        other => return Err(format!("unknown cache mode '{other}'").into()),
-    };
+    args.format.check()?;
+    let direct = direct_mode(&args.cache)?;
     let size = parse::parse_size(&args.size)?;
     let cfg = cowdisk::bench::BenchConfig {
         write: args.write,

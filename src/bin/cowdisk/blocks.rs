@@ -3,6 +3,7 @@
 //! `qemu-io -c discard` and `qemu-img resize`.
 
 use crate::parse::parse_size;
+use crate::parse::FormatArg;
 use crate::{CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::Extent;
@@ -26,14 +27,8 @@ pub enum MapFormat {
 /// Arguments of `cowdisk map`.
 #[derive(Debug, Args)]
 pub struct MapArgs {
-    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
-    #[arg(
-        short = 'f',
-        long = "format",
-        value_name = "FMT",
-        default_value = "qcow2"
-    )]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = MapFormat::Human)]
     output: MapFormat,
@@ -86,14 +81,8 @@ pub struct DiscardArgs {
 /// Arguments of `cowdisk resize`.
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
-    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
-    #[arg(
-        short = 'f',
-        long = "format",
-        value_name = "FMT",
-        default_value = "qcow2"
-    )]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// Allow shrinking the image (fails if data is allocated past the new end).
     #[arg(long = "shrink")]
     shrink: bool,
@@ -107,17 +96,6 @@ pub struct ResizeArgs {
     /// current size.
     #[arg(value_name = "SIZE", allow_hyphen_values = true)]
     size: String,
-}
-
-/// Refuses image formats other than qcow2.
-fn check_format(format: &str) -> CliResult {
-    if format == "qcow2" {
-        Ok(())
-    } else {
-        Err(CliError(format!(
-            "unsupported image format '{format}' (cowdisk only handles qcow2)"
-        )))
-    }
 }
 
 /// Opens an image with the given options.
@@ -260,7 +238,7 @@ pub fn map_human(extents: &[Extent], files: &[String]) -> (String, bool) {
 
 /// Runs `cowdisk map`.
 pub fn run_map(args: MapArgs) -> CliResult {
-    check_format(&args.format)?;
+    args.format.check()?;
     let image = open(&args.file, true, false)?;
     let length = args.max_length.unwrap_or(u64::MAX);
     let found = extents(&image, args.start_offset, length)?;
@@ -356,7 +334,7 @@ impl SizeArg {
 
 /// Runs `cowdisk resize`.
 pub fn run_resize(args: ResizeArgs) -> CliResult {
-    check_format(&args.format)?;
+    args.format.check()?;
     let size_arg = SizeArg::parse(&args.size)?;
     let image = open(&args.file, false, false)?;
     let current = image.size();

@@ -1,5 +1,6 @@
 //! `cowdisk create`: makes a new qcow2 image, like `qemu-img create -f qcow2`.
 
+use crate::parse::FormatArg;
 use crate::parse::{apply_create_options, parse_size, OptionExtras, CREATE_OPTIONS_HELP};
 use crate::{CliError, CliResult, Context, PathContext};
 use clap::Args;
@@ -9,14 +10,8 @@ use std::path::{Path, PathBuf};
 /// Arguments of `cowdisk create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
-    #[arg(
-        short = 'f',
-        long = "format",
-        value_name = "FMT",
-        default_value = "qcow2"
-    )]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// Comma-separated format options, e.g. `cluster_size=64k,compat=1.1`
     /// (`-o help` lists them). May be repeated.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -83,12 +78,7 @@ fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
 
 /// Runs `cowdisk create`.
 pub fn run(args: CreateArgs) -> CliResult {
-    if args.format != "qcow2" {
-        return Err(CliError(format!(
-            "unsupported image format '{}' (cowdisk only creates qcow2)",
-            args.format
-        )));
-    }
+    args.format.check()?;
     let mut opts = CreateOptions::default();
     let mut extras = OptionExtras::default();
     for list in &args.options {

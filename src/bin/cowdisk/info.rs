@@ -1,6 +1,7 @@
 //! `cowdisk info`: facts about an image, like `qemu-img info`, as text or JSON.
 
 use crate::parse::human_size;
+use crate::parse::FormatArg;
 use crate::{CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::BackingInfo;
@@ -21,14 +22,8 @@ pub enum OutputFormat {
 /// Arguments of `cowdisk info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
-    #[arg(
-        short = 'f',
-        long = "format",
-        value_name = "FMT",
-        default_value = "qcow2"
-    )]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
@@ -86,12 +81,7 @@ fn open_info(path: &Path, follow_backing: bool) -> CliResult<ImageInfo> {
 
 /// Runs `cowdisk info`.
 pub fn run(args: InfoArgs) -> CliResult {
-    if args.format != "qcow2" {
-        return Err(CliError(format!(
-            "unsupported image format '{}' (cowdisk only reads qcow2)",
-            args.format
-        )));
-    }
+    args.format.check()?;
     let info = open_info(&args.file, true)?;
     let chain = info.backing_chain.clone();
     let mut entries = vec![Entry::Qcow2 {

@@ -1,7 +1,37 @@
 //! Parsing and formatting helpers of the command line: sizes with suffixes, pattern
-//! bytes, qemu-img style `-o` option lists, and qemu's human-readable size strings.
+//! bytes, qemu-img style `-o` option lists, qemu's human-readable size strings, and the
+//! `-f` option.
 
+use crate::{CliError, CliResult};
+use clap::Args;
 use cowdisk::{CompressionType, CreateOptions};
+
+/// The `-f` option every subcommand accepts for qemu-img compatibility.
+#[derive(Debug, Args)]
+pub struct FormatArg {
+    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
+    #[arg(
+        short = 'f',
+        long = "format",
+        value_name = "FMT",
+        default_value = "qcow2"
+    )]
+    format: String,
+}
+
+impl FormatArg {
+    /// Refuses image formats other than qcow2.
+    pub fn check(&self) -> CliResult {
+        if self.format == "qcow2" {
+            Ok(())
+        } else {
+            Err(CliError(format!(
+                "unsupported image format '{}' (cowdisk only handles qcow2)",
+                self.format
+            )))
+        }
+    }
+}
 
 /// Parses a size or offset: a decimal number with an optional suffix `b`/`B` (bytes)
 /// or `k`, `M`, `G`, `T`, `P`, `E` (powers of 1024, case-insensitive), or a `0x` hex

@@ -2,6 +2,7 @@
 //! `qemu-img snapshot`.
 
 use crate::parse::human_size;
+use crate::parse::FormatArg;
 use crate::{CliError, CliResult, PathContext};
 use clap::{ArgGroup, Args};
 use cowdisk::{Image, OpenOptions, SnapshotInfo, SnapshotOptions};
@@ -11,14 +12,8 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])))]
 pub struct SnapshotArgs {
-    /// Image format; only qcow2 is supported (accepted for qemu-img compatibility).
-    #[arg(
-        short = 'f',
-        long = "format",
-        value_name = "FMT",
-        default_value = "qcow2"
-    )]
-    format: String,
+    #[command(flatten)]
+    format: FormatArg,
     /// List the snapshots (opens the image read-only).
     #[arg(short = 'l')]
     list: bool,
@@ -88,12 +83,7 @@ fn format_row(s: &SnapshotInfo) -> String {
 
 /// Runs `cowdisk snapshot`.
 pub fn run(args: SnapshotArgs) -> CliResult {
-    if args.format != "qcow2" {
-        return Err(CliError(format!(
-            "unsupported format '{}' (only qcow2)",
-            args.format
-        )));
-    }
+    args.format.check()?;
     let opts = OpenOptions {
         read_only: args.list,
         ..OpenOptions::default()
