@@ -579,3 +579,174 @@ fn crash_while_threads_write() {
         }
     }
 }
+
+/// Every kind of operation at once on one handle over a snapshot-shared disk: 4 KiB
+/// writers, zeroers of single sectors and of cluster runs (with and without unmap),
+/// a discarder, a compressed writer, readers, and a thread saving VM state and taking
+/// and deleting snapshots. No call may fail because of another thread's work (the
+/// only refusal allowed is a compressed write meeting an allocated cluster), no read
+/// may see another sector's bytes, and the image ends `qemu-img check`-clean with each
+/// sector holding zeros, a compressed stamp or its last written stamp.
+fn every_operation_at_once(s: &Scratch, cs: u32, seed: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sectors = DISK / SECTOR;
+    let p = s.path("all.qcow2");
+    create_disk(&p, cs);
+    let img = open_for_race(&p, false);
+    let mut data = Vec::with_capacity(DISK as usize);
+    for index in 0..sectors {
+        data.extend_from_slice(&stamped(index, PREFILLED));
+    }
+    img.write_at(&data, 0).unwrap();
+    img.snapshot_create("base", &Default::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // 4 KiB writers: writer t owns the 4 KiB blocks ≡ t (mod 4).
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed ^ (t + 1) * 31);
+                let mut last = Vec::new();
+                let blocks = DISK / 4096 / 4;
+                for op in 1..=200u64 {
+                    let block = rng.below(blocks) * 4 + t;
+                    let first = block * 4096 / SECTOR;
+                    let mut buf = Vec::with_capacity(4096);
+                    for index in first..first + 4096 / SECTOR {
+                        buf.extend_from_slice(&stamped(index, op));
+                        last.push((index, op));
+                    }
+                    img.write_at(&buf, block * 4096).unwrap();
+                }
+                last
+            })
+        })
+        .collect();
+    let mut others = Vec::new();
+    // Zeroers: two of single sectors, one of cluster runs.
+    for z in 0..3u64 {
+        let img = img.clone();
+        let stop = stop.clone();
+        others.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0x2E20 ^ z);
+            while !stop.load(Ordering::Relaxed) {
+                let (off, len) = if z < 2 {
+                    (rng.below(sectors) * SECTOR, SECTOR)
+                } else {
+                    let cs = cs as u64;
+                    let n = 1 + rng.below(4);
+                    (rng.below(DISK / cs - n + 1) * cs, n * cs)
+                };
+                let unmap = rng.below(2) == 0;
+                img.write_zeroes(off, len, unmap).unwrap();
+            }
+        }));
+    }
+    {
+        // Discards and compressed writes of released clusters.
+        let img = img.clone();
+        let stop = stop.clone();
+        others.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(seed ^ 0xD15C);
+            let cs = cs as u64;
+            while !stop.load(Ordering::Relaxed) {
+                let n = 1 + rng.below(3);
+                let at = rng.below(DISK / cs - n + 1) * cs;
+                img.discard(at, n * cs).unwrap();
+                if rng.below(2) == 0 {
+                    let mut data = Vec::new();
+                    for index in at / SECTOR..(at + n * cs) / SECTOR {
+                        data.extend_from_slice(&stamped(index, ZAPPED));
+                    }
+                    match img.write_compressed(&data, at) {
+                        Ok(()) | Err(cowdisk::Error::InvalidArgument(_)) => {}
+                        Err(e) => panic!("compressed write failed: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    {
+        // VM state saved and recorded in snapshots; older snapshots deleted.
+        let img = img.clone();
+        let stop = stop.clone();
+        others.push(std::thread::spawn(move || {
+            let state = vec![0x5au8; 300_000];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                img.save_vmstate(&state, 0).unwrap();
+                let opts = cowdisk::SnapshotOptions {
+                    vm_state_size: state.len() as u64,
+                    ..Default::default()
+                };
+                img.snapshot_create(&format!("s{n}"), &opts).unwrap();
+                if n > 0 {
+                    img.snapshot_delete(&format!("s{}", n - 1)).unwrap();
+                }
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert!(n > 0, "no snapshot was taken");
+        }));
+    }
+    let readers: Vec<_> = (0..2u64)
+        .map(|r| {
+            let img = img.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed ^ (r + 200));
+                while !stop.load(Ordering::Relaxed) {
+                    let len = 1 + rng.below(64);
+                    let start = rng.below(sectors - len + 1);
+                    let mut buf = vec![0u8; (len * SECTOR) as usize];
+                    img.read_at(&mut buf, start * SECTOR).unwrap();
+                    for (k, chunk) in buf.chunks(SECTOR as usize).enumerate() {
+                        let index = start + k as u64;
+                        if seen(index, chunk, true) == Seen::Garbage {
+                            panic!(
+                                "reader saw garbage in sector {index} (seed {seed}): {}",
+                                describe(index, chunk)
+                            );
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut last = vec![PREFILLED; sectors as usize];
+    for w in writers {
+        for (index, op) in w.join().unwrap() {
+            last[index as usize] = op;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in others {
+        t.join().unwrap();
+    }
+    for r in readers {
+        r.join().unwrap();
+    }
+    let all = read_all(&img);
+    for index in 0..sectors {
+        let got = seen(index, sector_of(&all, index), false);
+        let want = last[index as usize];
+        assert!(
+            got == Seen::Zero || got == Seen::Version(ZAPPED) || got == Seen::Version(want),
+            "sector {index}: {got:?}, last written version {want} (cluster size {cs}, seed {seed})"
+        );
+    }
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    qemu_check_clean(&p);
+    assert!(qemu_read_raw(&p, s) == all, "qemu-img reads other data");
+}
+
+#[test]
+fn every_operation_races_every_other() {
+    let base = seed(0x5EED_0005);
+    for round in 0..rounds().div_ceil(2) {
+        let cs = [4096u32, 65536][(round % 2) as usize];
+        let t = std::time::Instant::now();
+        every_operation_at_once(&Scratch::new("race-all"), cs, base + round);
+        eprintln!("round {round}: {cs}-byte clusters, {:?}", t.elapsed());
+    }
+}

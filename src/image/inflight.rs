@@ -185,7 +185,7 @@ impl Image {
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let step = match meta.plan_write(&buf[done..], at) {
+            let step = match meta.plan_write(&buf[done..], at, false) {
                 Ok(step) => step,
                 Err(e) => return Err(meta.judge("a write", e)),
             };

@@ -189,7 +189,7 @@ impl Meta {
     pub(crate) fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            match self.plan_write(&buf[done..], offset + done as u64)? {
+            match self.plan_write(&buf[done..], offset + done as u64, true)? {
                 WriteStep::InPlace { host, len } => {
                     self.write_host("guest data", &buf[done..done + len], host)?;
                     done += len;
@@ -214,7 +214,16 @@ impl Meta {
     /// Plans the first step of writing `buf` at guest `offset`: a run of owned clusters
     /// contiguous on the host is written in place; a run of clusters needing a new
     /// cluster (within one L2 table) gets one contiguous host run, reserved here.
-    pub(crate) fn plan_write(&mut self, buf: &[u8], offset: u64) -> Result<WriteStep> {
+    ///
+    /// `locked`: the caller keeps the lock until the step is finished (an exclusive
+    /// operation, or VM state), so it need not give way to exclusive operations
+    /// waiting for the lock — they cannot run before it is released anyway.
+    pub(crate) fn plan_write(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        locked: bool,
+    ) -> Result<WriteStep> {
         let cs = self.cluster_size;
         let within = offset & (cs - 1);
         let first = ((cs - within) as usize).min(buf.len());
@@ -236,7 +245,7 @@ impl Meta {
             return Ok(WriteStep::InPlace { host: start, len });
         }
         let cluster = offset >> self.cluster_bits;
-        if self.inflight.exclusive_waiting() || self.inflight.busy(cluster, 1) {
+        if (!locked && self.inflight.exclusive_waiting()) || self.inflight.busy(cluster, 1) {
             return Ok(WriteStep::Wait);
         }
         let mut olds = vec![old];
