@@ -43,6 +43,19 @@
 #define COWDISK_OPEN_NO_COMPRESSED_CACHE 16
 
 /**
+ * With `COWDISK_OPEN_READONLY`: open even while another process writes the image
+ * (QEMU's `force-share`, `qemu-img -U`); what is read may then be inconsistent.
+ * Without `COWDISK_OPEN_READONLY` the open fails with `-EINVAL`.
+ */
+#define COWDISK_OPEN_FORCE_SHARE 32
+
+/**
+ * Take no locks on the image file and its backing files (QEMU's `locking=off`), for
+ * callers that coordinate access to the image themselves.
+ */
+#define COWDISK_OPEN_NO_LOCK 64
+
+/**
  * Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
@@ -364,9 +377,18 @@ int cowdisk_create(const char *path, uint64_t size, const struct cowdisk_create_
  * `opts` may be NULL: read-write, buffered I/O, backing files followed (as QEMU does).
  * The handle is owned by the caller and must be released with `cowdisk_close()`.
  *
- * Errors: `-ENOENT` and other host errors, `-EINVAL` for a file that is not qcow2,
- * `-ENOTSUP` for features cowdisk does not implement (named in the message), `-EIO` for
- * corrupt metadata. On failure `*out` is untouched and nothing on disk changed.
+ * The image file is locked as QEMU locks it, for as long as the handle lives: a
+ * read-write open fails with `-EBUSY` while another process (QEMU or cowdisk) has the
+ * image open, and keeps others from writing it or opening it read-only without
+ * force-share; a read-only open fails with `-EBUSY` while another process writes the
+ * image, unless `COWDISK_OPEN_FORCE_SHARE`. Backing files are locked as read-only
+ * opens. The message names the conflict in QEMU's words. `COWDISK_OPEN_NO_LOCK`
+ * turns locking off.
+ *
+ * Errors: `-ENOENT` and other host errors, `-EBUSY` (see above), `-EINVAL` for a file
+ * that is not qcow2, `-ENOTSUP` for features cowdisk does not implement (named in the
+ * message), `-EIO` for corrupt metadata. On failure `*out` is untouched and nothing on
+ * disk changed.
  *
  * # Safety
  * `path` must be a valid NUL-terminated string, `opts` NULL or valid, `out` a valid

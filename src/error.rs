@@ -43,6 +43,10 @@ pub enum Error {
     /// A named thing (an internal snapshot) does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Another process (QEMU or cowdisk) holds the image file in a way that conflicts
+    /// with this open (see `io::lock`).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Shorthand for results carrying [`Error`].
@@ -70,6 +74,7 @@ impl Error {
             Error::ChainTooDeep(_) => libc::ELOOP,
             Error::Broken(_) => libc::EIO,
             Error::NotFound(_) => libc::ENOENT,
+            Error::Busy(_) => libc::EBUSY,
         }
     }
 }

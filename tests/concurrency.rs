@@ -605,7 +605,7 @@ fn every_operation_at_once(s: &Scratch, cs: u32, seed: u64) {
         .map(|t| {
             let img = img.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng::new(seed ^ (t + 1) * 31);
+                let mut rng = Rng::new(seed ^ ((t + 1) * 31));
                 let mut last = Vec::new();
                 let blocks = DISK / 4096 / 4;
                 for op in 1..=200u64 {

@@ -163,6 +163,13 @@ type OpenOptions struct {
 	// CompressedCacheSize is the memory of the compressed-write cache in bytes
 	// (0 = 4 MiB).
 	CompressedCacheSize uint64
+	// ForceShare (with ReadOnly) opens the image even while another process
+	// writes it, like qemu-img -U. Without it, opening an image another process
+	// (QEMU or cowdisk) holds in a conflicting way fails with syscall.EBUSY.
+	ForceShare bool
+	// NoLock takes no locks on the image file and its backing files (QEMU's
+	// locking=off), for callers that coordinate access themselves.
+	NoLock bool
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -217,6 +224,12 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		}
 		if opts.NoCompressedCache {
 			co.flags |= C.COWDISK_OPEN_NO_COMPRESSED_CACHE
+		}
+		if opts.ForceShare {
+			co.flags |= C.COWDISK_OPEN_FORCE_SHARE
+		}
+		if opts.NoLock {
+			co.flags |= C.COWDISK_OPEN_NO_LOCK
 		}
 		co.compressed_cache_size = C.uint64_t(opts.CompressedCacheSize)
 		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)

@@ -951,3 +951,25 @@ func TestErrorFormatting(t *testing.T) {
 		t.Errorf("errors.As through wrapping failed")
 	}
 }
+
+// TestLocking: a second writer is refused with EBUSY, a sharing reader is not, and
+// NoLock takes no locks.
+func TestLocking(t *testing.T) {
+	path := mustCreate(t, "lock.qcow2", 4*mib, nil)
+	img := mustOpen(t, path, nil)
+	if _, err := Open(path, nil); !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("second writer: got %v, want EBUSY", err)
+	}
+	if _, err := Open(path, &OpenOptions{ReadOnly: true}); !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("reader beside a writer: got %v, want EBUSY", err)
+	}
+	r := mustOpen(t, path, &OpenOptions{ReadOnly: true, ForceShare: true})
+	mustClose(t, r)
+	u := mustOpen(t, path, &OpenOptions{NoLock: true})
+	mustClose(t, u)
+	if _, err := Open(path, &OpenOptions{ForceShare: true}); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("ForceShare without ReadOnly: got %v, want EINVAL", err)
+	}
+	mustClose(t, img)
+	mustClose(t, mustOpen(t, path, nil))
+}

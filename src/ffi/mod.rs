@@ -46,6 +46,13 @@ pub const COWDISK_OPEN_DISCARD_UNMAP: u32 = 8;
 /// Write each compressed cluster on its own instead of gathering them into whole host
 /// clusters in the compressed-write cache (`cowdisk_open_opts.compressed_cache_size`).
 pub const COWDISK_OPEN_NO_COMPRESSED_CACHE: u32 = 16;
+/// With `COWDISK_OPEN_READONLY`: open even while another process writes the image
+/// (QEMU's `force-share`, `qemu-img -U`); what is read may then be inconsistent.
+/// Without `COWDISK_OPEN_READONLY` the open fails with `-EINVAL`.
+pub const COWDISK_OPEN_FORCE_SHARE: u32 = 32;
+/// Take no locks on the image file and its backing files (QEMU's `locking=off`), for
+/// callers that coordinate access to the image themselves.
+pub const COWDISK_OPEN_NO_LOCK: u32 = 64;
 
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;
@@ -117,9 +124,18 @@ pub unsafe extern "C" fn cowdisk_create(
 /// `opts` may be NULL: read-write, buffered I/O, backing files followed (as QEMU does).
 /// The handle is owned by the caller and must be released with `cowdisk_close()`.
 ///
-/// Errors: `-ENOENT` and other host errors, `-EINVAL` for a file that is not qcow2,
-/// `-ENOTSUP` for features cowdisk does not implement (named in the message), `-EIO` for
-/// corrupt metadata. On failure `*out` is untouched and nothing on disk changed.
+/// The image file is locked as QEMU locks it, for as long as the handle lives: a
+/// read-write open fails with `-EBUSY` while another process (QEMU or cowdisk) has the
+/// image open, and keeps others from writing it or opening it read-only without
+/// force-share; a read-only open fails with `-EBUSY` while another process writes the
+/// image, unless `COWDISK_OPEN_FORCE_SHARE`. Backing files are locked as read-only
+/// opens. The message names the conflict in QEMU's words. `COWDISK_OPEN_NO_LOCK`
+/// turns locking off.
+///
+/// Errors: `-ENOENT` and other host errors, `-EBUSY` (see above), `-EINVAL` for a file
+/// that is not qcow2, `-ENOTSUP` for features cowdisk does not implement (named in the
+/// message), `-EIO` for corrupt metadata. On failure `*out` is untouched and nothing on
+/// disk changed.
 ///
 /// # Safety
 /// `path` must be a valid NUL-terminated string, `opts` NULL or valid, `out` a valid

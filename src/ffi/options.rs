@@ -8,8 +8,8 @@ use crate::image::{CompressionType, CreateOptions, ImageInfo, OpenOptions};
 use super::{
     COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY,
     COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_DIRECT,
-    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE,
-    COWDISK_OPEN_READONLY,
+    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_NO_BACKING,
+    COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
 };
 
 /// Options for `cowdisk_create()`. Zero fields mean "default".
@@ -174,7 +174,9 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
         | COWDISK_OPEN_DIRECT
         | COWDISK_OPEN_NO_BACKING
         | COWDISK_OPEN_DISCARD_UNMAP
-        | COWDISK_OPEN_NO_COMPRESSED_CACHE;
+        | COWDISK_OPEN_NO_COMPRESSED_CACHE
+        | COWDISK_OPEN_FORCE_SHARE
+        | COWDISK_OPEN_NO_LOCK;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -185,6 +187,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.direct = c.flags & COWDISK_OPEN_DIRECT != 0;
     out.follow_backing = c.flags & COWDISK_OPEN_NO_BACKING == 0;
     out.discard_unmap = c.flags & COWDISK_OPEN_DISCARD_UNMAP != 0;
+    out.force_share = c.flags & COWDISK_OPEN_FORCE_SHARE != 0;
+    out.locking = c.flags & COWDISK_OPEN_NO_LOCK == 0;
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;

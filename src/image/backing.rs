@@ -94,6 +94,9 @@ impl Backing {
                 let storage = FileStorage::open(&path, false, false).map_err(|e| {
                     Error::io(format!("cannot open backing file '{}'", path.display()), e)
                 })?;
+                let mut o = opts.clone();
+                o.read_only = true;
+                super::lock_image_file(&storage, &path, &o)?;
                 let size = storage
                     .len()
                     .map_err(|e| Error::io(format!("backing file '{}'", path.display()), e))?;

@@ -106,8 +106,10 @@ pub(crate) fn format_storage(
         // Check the backing file now (as qemu-img does) and learn its size and format.
         let resolved = resolve_backing_path(path, name);
         let fmt = backing_format(&resolved, opts.backing_format.as_deref())?;
+        // Only its size is read: it may be in use (qemu-img create shares it too).
         let probe = OpenOptions {
             read_only: true,
+            force_share: true,
             ..OpenOptions::default()
         };
         let backing = Backing::open(path, name, Some(fmt), &probe, probe.max_backing_depth)?;

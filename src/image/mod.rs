@@ -66,8 +66,14 @@ impl Image {
     }
 
     pub(crate) fn open_chain(path: &Path, opts: &OpenOptions, depth_left: u32) -> Result<Image> {
+        if opts.force_share && !opts.read_only {
+            return Err(Error::InvalidArgument(
+                "force-share can only be used with read-only images".into(),
+            ));
+        }
         let storage = crate::io::FileStorage::open(path, !opts.read_only, opts.direct)
             .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
+        lock_image_file(&storage, path, opts)?;
         let meta = open::open_meta(Arc::new(storage), opts, Some(path), depth_left, None)?;
         Ok(Image::from_meta(meta, Some(path.to_path_buf())))
     }
@@ -259,6 +265,33 @@ impl Image {
     /// from metadata alone.
     pub(crate) fn range_reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
         self.lock()?.range_reads_zero(offset, len)
+    }
+}
+
+/// Takes the locks QEMU would take on an image file opened with `opts` (a read-write
+/// open as a writer, read-only opens and backing files as readers) unless locking is
+/// off; fails with [`Error::Busy`] naming the conflict, in QEMU's words.
+pub(crate) fn lock_image_file(
+    storage: &crate::io::FileStorage,
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<()> {
+    use crate::io::lock::LockMode;
+    if !opts.locking {
+        return Ok(());
+    }
+    let mode = match (opts.read_only, opts.force_share) {
+        (false, _) => LockMode::WRITER,
+        (true, false) => LockMode::READER,
+        (true, true) => LockMode::SHARING_READER,
+    };
+    match storage.lock(mode) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(conflict)) => Err(Error::Busy(format!(
+            "{conflict}: is another process using the image [{}]?",
+            path.display()
+        ))),
+        Err(e) => Err(Error::io(format!("locking '{}'", path.display()), e)),
     }
 }
 

@@ -82,6 +82,13 @@ pub struct OpenOptions {
     /// whole host clusters and writes those with aligned writes (0 = no cache: each
     /// compressed cluster is written on its own, as QEMU does).
     pub compressed_cache_size: u64,
+    /// Read-only opens only: let other processes write the image meanwhile (QEMU's
+    /// `force-share`, `qemu-img -U`). What is read may then be inconsistent.
+    pub force_share: bool,
+    /// Lock the image file (and its backing files) the way QEMU does, so that QEMU
+    /// and cowdisk never write an image another process uses. Turn off only when the
+    /// caller coordinates access itself (QEMU's `locking=off`).
+    pub locking: bool,
 }
 
 impl Default for OpenOptions {
@@ -94,6 +101,8 @@ impl Default for OpenOptions {
             max_backing_depth: 32,
             discard_unmap: false,
             compressed_cache_size: super::compress::DEFAULT_COMPRESSED_CACHE_SIZE,
+            force_share: false,
+            locking: true,
         }
     }
 }

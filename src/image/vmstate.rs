@@ -55,6 +55,7 @@ fn clone_error(e: &Error) -> Error {
         Error::ChainTooDeep(m) => Error::ChainTooDeep(m.clone()),
         Error::Broken(m) => Error::Broken(m.clone()),
         Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Busy(m) => Error::Busy(m.clone()),
     }
 }
 

@@ -84,6 +84,15 @@ impl FileStorage {
         Ok(FileStorage::from_file(file, false))
     }
 
+    /// Takes the image locks of `mode` on the file (see [`super::lock`]); they are
+    /// held until the storage is dropped.
+    pub fn lock(
+        &self,
+        mode: super::lock::LockMode,
+    ) -> io::Result<Result<super::lock::Locked, super::lock::LockConflict>> {
+        super::lock::lock_file(&self.file, mode)
+    }
+
     /// Wraps an open file.
     pub fn from_file(file: File, direct: bool) -> FileStorage {
         FileStorage {

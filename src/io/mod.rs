@@ -3,6 +3,7 @@
 
 mod fault;
 mod file;
+pub mod lock;
 mod memory;
 
 pub use fault::{FaultStorage, IoCounts, IoEvent};

@@ -196,6 +196,30 @@ static void test_open_errors(const char *image) {
     free(whole);
 }
 
+static void test_locking(const char *image) {
+    SECTION("image locking");
+    cowdisk *writer = NULL, *other = NULL;
+    CHECK_RC(cowdisk_open(image, NULL, &writer), 0, "open read-write");
+    CHECK_RC(cowdisk_open(image, NULL, &other), -EBUSY, "a second writer gets -EBUSY");
+    CHECK(other == NULL, "failed open leaves *out untouched");
+    CHECK(strstr(cowdisk_last_error(), "Failed to get \"write\" lock") != NULL,
+          "the message names the conflict in QEMU's words");
+    cowdisk_open_opts o = {.struct_size = sizeof o, .flags = COWDISK_OPEN_READONLY};
+    CHECK_RC(cowdisk_open(image, &o, &other), -EBUSY, "a reader beside a writer gets -EBUSY");
+    o.flags = COWDISK_OPEN_READONLY | COWDISK_OPEN_FORCE_SHARE;
+    CHECK_RC(cowdisk_open(image, &o, &other), 0, "a force-share reader gets in");
+    CHECK_RC(cowdisk_close(other), 0, "close the reader");
+    o.flags = COWDISK_OPEN_FORCE_SHARE;
+    other = NULL;
+    CHECK_RC(cowdisk_open(image, &o, &other), -EINVAL, "force-share needs read-only");
+    o.flags = COWDISK_OPEN_NO_LOCK;
+    CHECK_RC(cowdisk_open(image, &o, &other), 0, "COWDISK_OPEN_NO_LOCK takes no locks");
+    CHECK_RC(cowdisk_close(other), 0, "close the unlocked handle");
+    CHECK_RC(cowdisk_close(writer), 0, "close the writer");
+    CHECK_RC(cowdisk_open(image, NULL, &writer), 0, "closing released the locks");
+    CHECK_RC(cowdisk_close(writer), 0, "close again");
+}
+
 static void check_default_info(cowdisk *img, const char *image, int readonly) {
     cowdisk_info info;
     get_info(img, &info);
@@ -391,6 +415,7 @@ int main(void) {
     test_null_arguments();
     test_create_errors(image);
     test_open_errors(image);
+    test_locking(image);
     test_read_write(image);
     test_read_only(image);
     test_rewrite(image);

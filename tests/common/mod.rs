@@ -84,10 +84,11 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     out
 }
 
-/// Asserts `qemu-img check` finds no errors and no leaks.
+/// Asserts `qemu-img check` finds no errors and no leaks. It shares the image (`-U`):
+/// tests check images they still hold open after a flush.
 pub fn qemu_check_clean(path: &Path) {
     let p = path.to_str().unwrap();
-    let (code, out, err) = run("qemu-img", &["check", "--output=json", p]);
+    let (code, out, err) = run("qemu-img", &["check", "-U", "--output=json", p]);
     assert_eq!(code, 0, "qemu-img check {p} exit {code}:\n{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("check json");
     assert_eq!(v["check-errors"], 0, "{out}");
@@ -115,7 +116,8 @@ pub fn qemu_compare_raw(image: &Path, raw: &Path) {
     assert_eq!(code, 0, "qemu-img compare: {out}\n{err}");
 }
 
-/// Converts an image to raw with qemu-img and returns the bytes.
+/// Converts an image to raw with qemu-img and returns the bytes (sharing the image, as
+/// tests read images they still hold open).
 pub fn qemu_read_raw(image: &Path, scratch: &Scratch) -> Vec<u8> {
     let out = scratch.path("qemu-converted.raw");
     let _ = std::fs::remove_file(&out);
@@ -123,6 +125,7 @@ pub fn qemu_read_raw(image: &Path, scratch: &Scratch) -> Vec<u8> {
         "qemu-img",
         &[
             "convert",
+            "-U",
             "-O",
             "raw",
             image.to_str().unwrap(),

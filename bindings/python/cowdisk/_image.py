@@ -580,6 +580,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     discard_unmap: bool = False,
     compressed_cache: bool = True,
     compressed_cache_size: int = 0,
+    force_share: bool = False,
+    locking: bool = True,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
@@ -594,9 +596,15 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     (``compressed_cache_size`` bytes of memory, 0 = 4 MiB); without it each compressed
     cluster is written on its own, as QEMU does.
 
-    Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EINVAL`` for a
-    file that is not qcow2, ``ENOTSUP`` for unsupported features, ``EIO`` for corrupt
-    metadata.
+    The image file is locked as QEMU locks it while the image is open: a read-write
+    open fails with ``errno.EBUSY`` while another process (QEMU or cowdisk) uses the
+    image, a read-only one while another process writes it — unless ``force_share``
+    (read-only opens only, like ``qemu-img -U``). ``locking=False`` takes no locks,
+    for callers that coordinate access themselves.
+
+    Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EBUSY`` (see
+    above), ``EINVAL`` for a file that is not qcow2, ``ENOTSUP`` for unsupported
+    features, ``EIO`` for corrupt metadata.
     """
     p = _path_bytes(path)
     opts = _native.new_struct(_native.OpenOpts)
@@ -611,6 +619,10 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         flags |= _native.OPEN_DISCARD_UNMAP
     if not compressed_cache:
         flags |= _native.OPEN_NO_COMPRESSED_CACHE
+    if force_share:
+        flags |= _native.OPEN_FORCE_SHARE
+    if not locking:
+        flags |= _native.OPEN_NO_LOCK
     opts.flags = flags
     opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
     opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)

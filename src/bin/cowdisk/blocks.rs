@@ -3,7 +3,7 @@
 //! `qemu-io -c discard` and `qemu-img resize`.
 
 use crate::parse::parse_size;
-use crate::parse::FormatArg;
+use crate::parse::{FormatArg, ShareArg};
 use crate::{CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::Extent;
@@ -38,6 +38,8 @@ pub struct MapArgs {
     /// Largest number of bytes to map (default: to the end of the image).
     #[arg(long = "max-length", value_name = "LENGTH", value_parser = parse_size)]
     max_length: Option<u64>,
+    #[command(flatten)]
+    share: ShareArg,
     /// The image to map (opened read-only).
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -99,10 +101,11 @@ pub struct ResizeArgs {
 }
 
 /// Opens an image with the given options.
-fn open(path: &Path, read_only: bool, discard_unmap: bool) -> CliResult<Image> {
+fn open(path: &Path, read_only: bool, discard_unmap: bool, share: bool) -> CliResult<Image> {
     let options = OpenOptions {
         read_only,
         discard_unmap,
+        force_share: share,
         ..OpenOptions::default()
     };
     Image::open(path, &options).path_context("open", path)
@@ -239,7 +242,7 @@ pub fn map_human(extents: &[Extent], files: &[String]) -> (String, bool) {
 /// Runs `cowdisk map`.
 pub fn run_map(args: MapArgs) -> CliResult {
     args.format.check()?;
-    let image = open(&args.file, true, false)?;
+    let image = open(&args.file, true, false, args.share.force_share)?;
     let length = args.max_length.unwrap_or(u64::MAX);
     let found = extents(&image, args.start_offset, length)?;
     let (text, complete) = match args.output {
@@ -264,7 +267,7 @@ pub fn run_map(args: MapArgs) -> CliResult {
 
 /// Runs `cowdisk zero`.
 pub fn run_zero(args: ZeroArgs) -> CliResult {
-    let image = open(&args.file, false, false)?;
+    let image = open(&args.file, false, false, false)?;
     check_range(&image, "write_zeroes", args.offset, args.length)?;
     image
         .write_zeroes(args.offset, args.length, args.unmap)
@@ -281,7 +284,7 @@ pub fn run_zero(args: ZeroArgs) -> CliResult {
 
 /// Runs `cowdisk discard`.
 pub fn run_discard(args: DiscardArgs) -> CliResult {
-    let image = open(&args.file, false, args.unmap)?;
+    let image = open(&args.file, false, args.unmap, false)?;
     check_range(&image, "discard", args.offset, args.length)?;
     image.discard(args.offset, args.length).context(|| {
         format!(
@@ -336,7 +339,7 @@ impl SizeArg {
 pub fn run_resize(args: ResizeArgs) -> CliResult {
     args.format.check()?;
     let size_arg = SizeArg::parse(&args.size)?;
-    let image = open(&args.file, false, false)?;
+    let image = open(&args.file, false, false, false)?;
     let current = image.size();
     let new_size = size_arg.apply(current)?;
     if new_size < current && !(args.shrink || args.force) {

@@ -31,6 +31,8 @@ pub struct InfoArgs {
     /// array with one object per image, nearest first, like qemu-img).
     #[arg(long = "backing-chain")]
     backing_chain: bool,
+    #[command(flatten)]
+    share: crate::parse::ShareArg,
     /// The image to inspect.
     #[arg(value_name = "FILE")]
     file: std::path::PathBuf,
@@ -65,10 +67,11 @@ fn allocated_size(path: &Path) -> Option<u64> {
 }
 
 /// Opens one image read-only and collects its facts.
-fn open_info(path: &Path, follow_backing: bool) -> CliResult<ImageInfo> {
+fn open_info(path: &Path, follow_backing: bool, share: bool) -> CliResult<ImageInfo> {
     let options = OpenOptions {
         read_only: true,
         follow_backing,
+        force_share: share,
         ..OpenOptions::default()
     };
     let image = Image::open(path, &options).path_context("open", path)?;
@@ -82,7 +85,7 @@ fn open_info(path: &Path, follow_backing: bool) -> CliResult<ImageInfo> {
 /// Runs `cowdisk info`.
 pub fn run(args: InfoArgs) -> CliResult {
     args.format.check()?;
-    let info = open_info(&args.file, true)?;
+    let info = open_info(&args.file, true, args.share.force_share)?;
     let chain = info.backing_chain.clone();
     let mut entries = vec![Entry::Qcow2 {
         filename: args.file.to_string_lossy().into_owned(),
@@ -94,7 +97,7 @@ pub fn run(args: InfoArgs) -> CliResult {
         for (i, member) in chain.iter().enumerate() {
             let path = Path::new(&member.filename);
             entries.push(if member.format == "qcow2" {
-                let info = open_info(path, false)?;
+                let info = open_info(path, false, args.share.force_share)?;
                 Entry::Qcow2 {
                     filename: member.filename.clone(),
                     actual_size: allocated_size(path).unwrap_or(info.host_size),

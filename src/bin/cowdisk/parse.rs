@@ -33,6 +33,15 @@ impl FormatArg {
     }
 }
 
+/// The `-U` option of commands that only read an image, as in qemu-img.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct ShareArg {
+    /// Open the image even while another process (QEMU, cowdisk) writes it; what is
+    /// read may then be inconsistent.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
 /// Parses a size or offset: a decimal number with an optional suffix `b`/`B` (bytes)
 /// or `k`, `M`, `G`, `T`, `P`, `E` (powers of 1024, case-insensitive), or a `0x` hex
 /// number without suffix. A fraction is allowed with a suffix when the result is a

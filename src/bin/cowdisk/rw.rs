@@ -53,6 +53,8 @@ pub struct ReadArgs {
     /// Largest number of bytes to hexdump; longer reads show only the beginning.
     #[arg(long = "dump-limit", value_name = "SIZE", value_parser = parse_size, default_value = "64k")]
     dump_limit: u64,
+    #[command(flatten)]
+    share: crate::parse::ShareArg,
     /// The image to read from (opened read-only).
     #[arg(value_name = "IMAGE")]
     image: PathBuf,
@@ -65,9 +67,10 @@ pub struct ReadArgs {
 }
 
 /// Opens an image for `read` or `write`.
-fn open(path: &Path, read_only: bool) -> CliResult<Image> {
+fn open(path: &Path, read_only: bool, share: bool) -> CliResult<Image> {
     let options = OpenOptions {
         read_only,
+        force_share: share,
         ..OpenOptions::default()
     };
     Image::open(path, &options).path_context("open", path)
@@ -118,7 +121,7 @@ pub fn run_write(args: WriteArgs) -> CliResult {
     };
     let pattern = args.pattern.unwrap_or(0xcd);
 
-    let image = open(&args.image, false)?;
+    let image = open(&args.image, false, false)?;
     check_range(&image, "write", args.offset, length)?;
     // Compressed writes go by whole clusters: chunks are a multiple of the cluster size.
     let cs = image.info().cluster_size as usize;
@@ -183,7 +186,7 @@ pub fn run_read(args: ReadArgs) -> CliResult {
             .unwrap_or_default()
     };
 
-    let image = open(&args.image, true)?;
+    let image = open(&args.image, true, args.share.force_share)?;
     check_range(&image, "read", args.offset, args.length)?;
     let mut buf = vec![0u8; CHUNK.min(usize::try_from(args.length).unwrap_or(CHUNK))];
     let mut done = 0u64;

@@ -26,6 +26,9 @@ pub struct SnapshotArgs {
     /// Delete snapshot NAME (an id, or else a name).
     #[arg(short = 'd', value_name = "NAME")]
     delete: Option<String>,
+    /// With -l: list even while another process writes the image.
+    #[arg(short = 'U', long = "force-share", requires = "list")]
+    force_share: bool,
     /// The image.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -86,6 +89,7 @@ pub fn run(args: SnapshotArgs) -> CliResult {
     args.format.check()?;
     let opts = OpenOptions {
         read_only: args.list,
+        force_share: args.force_share,
         ..OpenOptions::default()
     };
     let img = Image::open(&args.file, &opts).path_context("open", &args.file)?;
