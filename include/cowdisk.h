@@ -7,6 +7,18 @@
  * last failure on the calling thread is returned by cowdisk_last_error(). Option and
  * info structs start with struct_size, which the caller sets to sizeof(struct).
  * A cowdisk handle may be used from many threads at once (but closed only once).
+ *
+ * Host failures: a call failing with -EIO, -ENOSPC or another host error leaves the
+ * handle usable, its metadata consistent in memory and on disk and nothing leaked;
+ * the same call succeeds once the cause is gone (a hypervisor may pause the guest on
+ * -ENOSPC and resume it once space was freed). A failed metadata write is retried by
+ * the next flush. What a failed write, write_zeroes or discard leaves in its range is
+ * undefined, as on a disk (old bytes, new bytes or a mix); every byte outside it is
+ * unchanged. Compressed writes and snapshot operations are all or nothing. Two
+ * exceptions: once flushing the image file has failed, the kernel may have dropped
+ * written data, so every later cowdisk_flush() and cowdisk_close() fails too and
+ * writes fail with -EIO until the image is reopened; and corruption found while
+ * running (-EIO, "corrupt image: ...") makes the handle refuse writes.
  */
 
 #ifndef COWDISK_H
@@ -238,7 +250,9 @@ typedef struct cowdisk_info {
    */
   uint32_t backing_depth;
   /**
-   * Size of the image file on the host in bytes.
+   * Bytes of the image file in use: the end of the last cluster allocated (the
+   * file may be longer while host space is preallocated ahead; close gives that
+   * back).
    */
   uint64_t host_size;
   /**
@@ -399,7 +413,8 @@ int cowdisk_open(const char *path, const struct cowdisk_open_opts *opts, struct 
 /**
  * Flushes the image, frees the handle and returns the flush status.
  *
- * The handle is freed even when the flush fails; it must not be used afterwards.
+ * The handle is freed even when the flush fails; it must not be used afterwards (to
+ * retry a flush that fails for lack of space, call `cowdisk_flush()` first).
  * NULL is `-EINVAL`. Not to be called while other threads still use the handle.
  *
  * # Safety
@@ -422,8 +437,9 @@ int cowdisk_pread(struct cowdisk *img, void *buf, size_t len, uint64_t offset);
  * Writes `len` bytes from `buf` at guest `offset`.
  *
  * The range must lie within the virtual size (`-EINVAL` otherwise); a read-only handle
- * gives `-EROFS`. On failure the old contents of the range stay readable. The data is
- * durable only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
+ * gives `-EROFS`. A host failure (`-EIO`, `-ENOSPC`) leaves the range undefined and
+ * the handle usable: retry the same write once the cause is gone. The data is durable
+ * only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
  *
  * # Safety
  * `img` must be a live handle; `buf` must be valid for `len` readable bytes.
@@ -432,6 +448,11 @@ int cowdisk_pwrite(struct cowdisk *img, const void *buf, size_t len, uint64_t of
 
 /**
  * Makes everything written so far durable on the host storage. Thread-safe.
+ *
+ * A failed metadata write (`-EIO`, `-ENOSPC`) is retried by the next flush. Once
+ * flushing the image file itself has failed, this call keeps failing with `-EIO` (the
+ * kernel may have dropped written data; a later success would overstate durability)
+ * and writes are refused until the image is reopened.
  *
  * # Safety
  * `img` must be a live handle.
@@ -458,7 +479,8 @@ int cowdisk_get_info(struct cowdisk *img, struct cowdisk_info *out);
  * their cluster already reads as zero; otherwise zeros are written as data. On v2
  * images without a backing file, clusters are deallocated instead.
  *
- * Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
+ * Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only, host errors
+ * (the range is then undefined; retry once the cause is gone). Thread-safe.
  *
  * # Safety
  * `img` must be a live handle.
@@ -473,7 +495,8 @@ int cowdisk_write_zeroes(struct cowdisk *img, uint64_t offset, uint64_t len, uin
  * as the backing file). Freed host clusters are reused by later writes, and punched
  * out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
  *
- * Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
+ * Errors: `-EINVAL` out of range, `-EROFS` read-only, host errors (the range is then
+ * undefined; retry once the cause is gone). Thread-safe.
  *
  * # Safety
  * `img` must be a live handle.

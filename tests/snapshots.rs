@@ -710,21 +710,27 @@ fn compressed_clusters_in_snapshots() {
     assert!(qemu_read_raw(&qpath, &s) == text);
 }
 
-/// Snapshot operations stopped at every write: what reached the disk may leak
-/// clusters but is never corrupt, and every snapshot listed reads back.
+/// Snapshot operations stopped at every write: what reached the disk is never
+/// corrupt — not even the OFLAG_COPIED errors QEMU's own snapshot operations leave
+/// when killed (each operation switches to its new metadata in one header write) —
+/// and every snapshot listed reads back what it recorded.
 #[test]
 fn crash_during_snapshot_operations() {
     let s = Scratch::new("snap-crash");
     let template = s.path("template.qcow2");
     create(&template, 8 * MIB, 4096, 3, 16);
+    let mut base = vec![0u8; 8 * MIB as usize];
     {
         let img = open(&template);
-        let mut model = vec![0u8; 8 * MIB as usize];
-        scribble(&img, &mut model, &mut Rng::new(3), 40, 4096);
+        scribble(&img, &mut base, &mut Rng::new(3), 40, 4096);
         img.snapshot_create("base", &SnapshotOptions::default())
             .unwrap();
         img.close().unwrap();
     }
+    // What each snapshot the workload makes must read as.
+    let mut y = base.clone();
+    y[3 * MIB as usize..3 * MIB as usize + 50_000].copy_from_slice(&pattern(50_000, 7));
+    let models = [("base", &base), ("x", &base), ("y", &y)];
     let workload = |img: &Image| -> cowdisk::Result<()> {
         let state = pattern(300_000, 5);
         for (i, piece) in state.chunks(999).enumerate() {
@@ -761,69 +767,33 @@ fn crash_during_snapshot_operations() {
     img.close().unwrap();
     qemu_check_clean(&clean);
 
-    let step = (total / 150).max(1);
-    let mut n = 0;
-    while n < total {
+    for n in 0..total {
         let path = s.path("crashed.qcow2");
         std::fs::copy(&template, &path).unwrap();
         let (img, fault) = open_faulty(&path);
         fault.fail_writes_after(n);
         assert!(workload(&img).is_err(), "write {n} of {total} should fail");
         drop(img);
-        check_crashed(&path, 4096, &format!("crash at write {n}/{total}"));
-        for (id, _, _) in qemu_snapshots(&path) {
-            qemu_read_snapshot(&path, &id, &s);
+        let what = format!("crash at write {n}/{total}");
+        check_crashed(&path, &what);
+        for (id, name, _) in qemu_snapshots(&path) {
+            let want = models.iter().find(|m| m.0 == name).expect("known name").1;
+            let got = qemu_read_snapshot(&path, &id, &s);
+            assert!(got == *want, "{what}: snapshot {name} reads other data");
         }
-        n += step;
     }
 }
 
-/// `qemu-img check` after a crash: leaks are fine, and so are COPIED flags that are
-/// merely stale — an entry without COPIED whose refcount is 1 (it only costs a copy
-/// on write), or one with COPIED whose cluster has one real reference and a leaked
-/// extra count (the crash came between raising refcounts and clearing flags, which no
-/// order of writes avoids; QEMU has the same window). Anything else is corruption.
-fn check_crashed(path: &Path, cs: u64, what: &str) {
+/// `qemu-img check` after a crash: leaked clusters are allowed, nothing else.
+fn check_crashed(path: &Path, what: &str) {
     let (code, out, err) = run(
         "qemu-img",
         &["check", "--output=json", path.to_str().unwrap()],
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let corruptions = v.get("corruptions").and_then(|c| c.as_u64()).unwrap_or(0);
-    let leaked: std::collections::HashMap<u64, (u64, u64)> = err
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("Leaked cluster ")?;
-            let mut it = rest.split_whitespace();
-            let cluster = it.next()?.parse().ok()?;
-            let rc = it.next()?.strip_prefix("refcount=")?.parse().ok()?;
-            let refs = it.next()?.strip_prefix("reference=")?.parse().ok()?;
-            Some((cluster, (rc, refs)))
-        })
-        .collect();
-    let mut stale = 0;
-    for line in err.lines().filter(|l| l.starts_with("ERROR")) {
-        let entry = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("l2_entry=").or(w.strip_prefix("l1_entry=")))
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
-        let ok = match entry {
-            Some(e) if line.starts_with("ERROR OFLAG_COPIED") => {
-                let rc: u64 = line.rsplit("refcount=").next().unwrap().parse().unwrap();
-                let cluster = (e & 0x00ff_ffff_ffff_fe00) / cs;
-                if e >> 63 == 0 {
-                    rc == 1
-                } else {
-                    leaked.get(&cluster).is_some_and(|&(_, refs)| refs == 1)
-                }
-            }
-            _ => false,
-        };
-        assert!(ok, "{what}: {line}\n{out}\n{err}");
-        stale += 1;
-    }
     assert!(
-        (code == 0 || code == 2 || code == 3) && corruptions == stale,
+        (code == 0 || code == 3) && corruptions == 0 && !err.contains("ERROR"),
         "{what}: qemu-img check exit {code}\n{out}\n{err}"
     );
 }

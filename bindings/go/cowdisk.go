@@ -335,8 +335,9 @@ func (img *Image) ReadAt(p []byte, off int64) (n int, err error) {
 // WriteAt writes len(p) bytes to the guest disk at offset off, implementing
 // io.WriterAt. The whole range must lie within Size(); otherwise nothing is
 // written and the error is syscall.EINVAL. A read-only image gives syscall.EROFS.
-// The write is all or nothing: n is len(p) or 0. On failure the old contents of
-// the range stay readable. Data is durable only after Flush or Close.
+// n is len(p) or 0. A host failure (syscall.EIO, syscall.ENOSPC) leaves the range
+// undefined, as on a disk, and the image usable: retry the write once the cause is
+// gone. Data is durable only after Flush or Close.
 func (img *Image) WriteAt(p []byte, off int64) (n int, err error) {
 	const op = "write"
 	if off < 0 {
@@ -419,7 +420,8 @@ type Info struct {
 	NbSnapshots uint32
 	// BackingDepth is the number of backing images opened below this one.
 	BackingDepth uint32
-	// HostSize is the size of the image file on the host in bytes.
+	// HostSize is the number of bytes of the image file in use: the end of the
+	// last cluster allocated (the file may be longer while space is preallocated).
 	HostSize uint64
 	// BackingFile is the backing file name as stored in the image ("" = none).
 	BackingFile string

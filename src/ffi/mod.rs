@@ -160,7 +160,8 @@ pub unsafe extern "C" fn cowdisk_open(
 
 /// Flushes the image, frees the handle and returns the flush status.
 ///
-/// The handle is freed even when the flush fails; it must not be used afterwards.
+/// The handle is freed even when the flush fails; it must not be used afterwards (to
+/// retry a flush that fails for lack of space, call `cowdisk_flush()` first).
 /// NULL is `-EINVAL`. Not to be called while other threads still use the handle.
 ///
 /// # Safety
@@ -205,8 +206,9 @@ pub unsafe extern "C" fn cowdisk_pread(
 /// Writes `len` bytes from `buf` at guest `offset`.
 ///
 /// The range must lie within the virtual size (`-EINVAL` otherwise); a read-only handle
-/// gives `-EROFS`. On failure the old contents of the range stay readable. The data is
-/// durable only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
+/// gives `-EROFS`. A host failure (`-EIO`, `-ENOSPC`) leaves the range undefined and
+/// the handle usable: retry the same write once the cause is gone. The data is durable
+/// only after `cowdisk_flush()` or `cowdisk_close()`. Thread-safe.
 ///
 /// # Safety
 /// `img` must be a live handle; `buf` must be valid for `len` readable bytes.
@@ -230,6 +232,11 @@ pub unsafe extern "C" fn cowdisk_pwrite(
 }
 
 /// Makes everything written so far durable on the host storage. Thread-safe.
+///
+/// A failed metadata write (`-EIO`, `-ENOSPC`) is retried by the next flush. Once
+/// flushing the image file itself has failed, this call keeps failing with `-EIO` (the
+/// kernel may have dropped written data; a later success would overstate durability)
+/// and writes are refused until the image is reopened.
 ///
 /// # Safety
 /// `img` must be a live handle.
@@ -294,7 +301,8 @@ pub struct cowdisk_extent {
 /// their cluster already reads as zero; otherwise zeros are written as data. On v2
 /// images without a backing file, clusters are deallocated instead.
 ///
-/// Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only. Thread-safe.
+/// Errors: `-EINVAL` out of range or unknown flags, `-EROFS` read-only, host errors
+/// (the range is then undefined; retry once the cause is gone). Thread-safe.
 ///
 /// # Safety
 /// `img` must be a live handle.
@@ -324,7 +332,8 @@ pub unsafe extern "C" fn cowdisk_write_zeroes(
 /// as the backing file). Freed host clusters are reused by later writes, and punched
 /// out of the file when the image was opened with `COWDISK_OPEN_DISCARD_UNMAP`.
 ///
-/// Errors: `-EINVAL` out of range, `-EROFS` read-only. Thread-safe.
+/// Errors: `-EINVAL` out of range, `-EROFS` read-only, host errors (the range is then
+/// undefined; retry once the cause is gone). Thread-safe.
 ///
 /// # Safety
 /// `img` must be a live handle.

@@ -75,7 +75,9 @@ pub struct cowdisk_info {
     pub nb_snapshots: u32,
     /// Number of opened backing images below this one.
     pub backing_depth: u32,
-    /// Size of the image file on the host in bytes.
+    /// Bytes of the image file in use: the end of the last cluster allocated (the
+    /// file may be longer while host space is preallocated ahead; close gives that
+    /// back).
     pub host_size: u64,
     /// Backing file name as stored in the image, NUL-terminated ("" when none).
     pub backing_file: [c_char; 1024],

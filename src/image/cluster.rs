@@ -92,14 +92,26 @@ impl Meta {
             self.load_l2_table(old)?;
             self.l2_cache.get(old).expect("table just loaded").into()
         };
-        let new = self.alloc_clusters(1)?;
-        self.write_dirty_refcount_blocks()?;
-        self.write_host("new L2 table", &contents, new)?;
-        self.sync()?;
-        self.l1[l1_index] = new | COPIED;
-        self.write_l1_entry(l1_index)?;
+        // Room first, so that nothing can fail once the L1 entry points to the table.
         self.make_l2_room()?;
-        self.l2_cache.insert(new, contents, false);
+        let new = self.alloc_clusters(1)?;
+        let written = self
+            .write_dirty_refcount_blocks()
+            .and_then(|()| self.write_host("new L2 table", &contents, new))
+            .and_then(|()| self.sync());
+        if let Err(e) = written {
+            self.release_unreferenced(new, 1);
+            return Err(e);
+        }
+        self.l1[l1_index] = new | COPIED;
+        if let Err(e) = self.write_l1_entry(l1_index, old_entry) {
+            self.release_unreferenced(new, 1);
+            return Err(e);
+        }
+        // The table is on disk: if the cache cannot take it now, it loads when needed.
+        if self.l2_cache.victim().is_none() || self.make_l2_room().is_ok() {
+            self.l2_cache.insert(new, contents, false);
+        }
         if old != 0 {
             self.l2_cache.remove(old);
             self.free_later(old, 1);

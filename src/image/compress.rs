@@ -412,22 +412,30 @@ impl Meta {
     /// Chooses where `len` compressed bytes go: right after the previous compressed
     /// cluster when they fit in its host cluster (or the next host cluster is free to
     /// continue in), else at the start of a new host cluster. Every host cluster the
-    /// bytes touch gets one more reference.
-    fn place_compressed(&mut self, len: u64) -> Result<u64> {
+    /// bytes touch gets one more reference; they are returned too, for the caller to
+    /// give back if storing the bytes fails.
+    fn place_compressed(&mut self, len: u64) -> Result<(u64, Vec<u64>)> {
         let cs = self.cluster_size;
         let mut start = None;
+        let mut touched = Vec::new();
         if let Some(t) = self.compress.tail {
             let cluster = t & !(cs - 1);
             let rc = self.refcount(cluster >> self.cluster_bits)?;
             if rc > 0 && rc < self.refcount_max() {
                 if t + len <= cluster + cs {
                     self.update_refcounts(cluster, 1, true)?;
+                    touched.push(cluster);
                     start = Some(t);
                 } else {
                     let new = self.alloc_clusters(1)?;
+                    touched.push(new);
                     // The allocation may have flushed and freed the tail cluster.
                     if new == cluster + cs && self.compress.tail == Some(t) {
-                        self.update_refcounts(cluster, 1, true)?;
+                        if let Err(e) = self.update_refcounts(cluster, 1, true) {
+                            self.release_unreferenced(new, 1);
+                            return Err(e);
+                        }
+                        touched.push(cluster);
                         start = Some(t);
                     } else {
                         start = Some(new);
@@ -437,16 +445,23 @@ impl Meta {
         }
         let start = match start {
             Some(s) => s,
-            None => self.alloc_clusters(1)?,
+            None => {
+                let new = self.alloc_clusters(1)?;
+                touched.push(new);
+                new
+            }
         };
         let end = start + len;
         if end > 1u64 << compressed::offset_bits(self.cluster_bits) {
+            for c in touched {
+                self.release_unreferenced(c, 1);
+            }
             return Err(Error::NoSpace(format!(
                 "compressed cluster at {start:#x} is beyond what a compressed descriptor can address"
             )));
         }
         self.compress.tail = (!end.is_multiple_of(cs)).then_some(end);
-        Ok(start)
+        Ok((start, touched))
     }
 
     /// Stores compressed bytes at host `offset`: into the cache, or straight to the host.
@@ -574,29 +589,86 @@ impl Meta {
     ) -> Result<()> {
         let cs = self.cluster_size;
         self.check_compressed_targets(offset, raw.len() as u64 * cs)?;
+        // A full cache that cannot be written out refuses the call before anything
+        // changes; later write-outs that fail are retried by the next call or flush.
+        if self.compressed_cache_full() {
+            self.write_compressed_cache(false)?;
+        }
+        // All or nothing: a failure unmaps the clusters this call already stored, so
+        // the same call succeeds once the cause is gone.
+        let mut done: Vec<(u64, u64)> = Vec::new();
         for (i, (raw, c)) in raw.iter().zip(compressed).enumerate() {
             let guest = offset + i as u64 * cs;
-            match c {
-                Some(data) => {
-                    let (l1_index, _) = self.indexes(guest);
-                    let table = self.writable_l2_table(l1_index)?;
-                    let at = self.place_compressed(data.len() as u64)?;
-                    self.store_compressed(data, at)?;
-                    let entry = compressed::encode(at, data.len() as u64, self.cluster_bits);
-                    self.set_l2_entry(table, guest, entry)?;
-                    if self.compress.cache.is_some() {
-                        self.compress.dependents.insert(table);
-                        let cache = self.compress.cache.as_ref().expect("cache on");
-                        let buffered = cache.clusters.len() as u64 * cs;
-                        if buffered >= cache.limit {
-                            self.write_compressed_cache(false)?;
-                        }
-                    }
+            let stored = self.l2_entry(guest).and_then(|old| {
+                match c {
+                    Some(data) => self.store_one_compressed(guest, data)?,
+                    None => self.write(raw, guest)?,
                 }
-                None => self.write(raw, guest)?,
+                Ok(old)
+            });
+            match stored {
+                Ok(old) => done.push((guest, old)),
+                Err(e) => {
+                    self.unmap_stored(&done);
+                    return Err(e);
+                }
             }
         }
-        self.write_compressed_cache(false)
+        let _ = self.write_compressed_cache(false);
+        Ok(())
+    }
+
+    fn compressed_cache_full(&self) -> bool {
+        self.compress
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.clusters.len() as u64 * self.cluster_size >= c.limit)
+    }
+
+    /// Stores one compressed cluster at guest `guest` (unallocated or zero without a
+    /// host cluster); on failure nothing changed.
+    fn store_one_compressed(&mut self, guest: u64, data: &[u8]) -> Result<()> {
+        let (l1_index, _) = self.indexes(guest);
+        let table = self.writable_l2_table(l1_index)?;
+        self.load_l2_table(table)?;
+        let tail = self.compress.tail;
+        let (at, touched) = self.place_compressed(data.len() as u64)?;
+        let entry = compressed::encode(at, data.len() as u64, self.cluster_bits);
+        let stored = self
+            .store_compressed(data, at)
+            .and_then(|()| self.set_l2_entry(table, guest, entry));
+        if let Err(e) = stored {
+            for c in touched {
+                self.release_unreferenced(c, 1);
+            }
+            self.compress.tail = tail;
+            return Err(e);
+        }
+        if self.compress.cache.is_some() {
+            self.compress.dependents.insert(table);
+            if self.compressed_cache_full() {
+                let _ = self.write_compressed_cache(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the L2 entries `done` lists (guest offset, entry before the call),
+    /// releasing what the call mapped there (best effort: an entry that cannot be
+    /// put back keeps the new data, which is consistent too).
+    pub(crate) fn unmap_stored(&mut self, done: &[(u64, u64)]) {
+        for &(guest, old) in done.iter().rev() {
+            let (l1_index, _) = self.indexes(guest);
+            let Ok(now) = self.mapping(guest) else {
+                continue;
+            };
+            let Ok(table) = self.writable_l2_table(l1_index) else {
+                continue;
+            };
+            if self.set_l2_entry(table, guest, old).is_ok() {
+                self.free_mapping_later(now);
+            }
+        }
     }
 
     /// Fails unless every cluster of guest `[offset, offset+len)` is unallocated or a

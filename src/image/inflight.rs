@@ -176,8 +176,10 @@ impl Image {
     /// Writes `buf` at guest `offset`; the range must lie within the virtual size.
     /// Data I/O (including copy-on-write reads) runs without the image lock; a write
     /// into a cluster another write is allocating waits for that allocation. On
-    /// failure the old data stays readable; a failure that may have left metadata
-    /// half-updated makes the handle refuse further writes.
+    /// failure (EIO, ENOSPC) the handle stays usable and the same write succeeds once
+    /// the cause is gone; what the range reads as meanwhile is undefined, as on a disk
+    /// (old bytes, new bytes, or a mix), while everything outside it is unchanged and
+    /// no cluster leaks.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut meta = self.lock()?;
         meta.check_writable()?;

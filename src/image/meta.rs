@@ -24,6 +24,10 @@ pub(crate) struct RefcountState {
     /// Decrements deferred until the tables that dropped the references are on disk
     /// (rule 4 of the write order): (host offset, clusters).
     pub pending_frees: Vec<(u64, u64)>,
+    /// Clusters whose refcount was raised for an allocation that failed before anything
+    /// (in memory or on disk) pointed to them, and whose release failed too: released
+    /// at the next flush, so a failed call never leaks in a process that goes on.
+    pub orphans: Vec<(u64, u64)>,
 }
 
 /// The state of an open image that sits behind the image's lock.
@@ -55,8 +59,13 @@ pub(crate) struct Meta {
     pub preallocated_end: u64,
     /// Whether the image looks metadata-preallocated (decided once, on first use).
     pub preallocated: Option<bool>,
-    /// Set when a failed update may have left the in-memory metadata in doubt.
+    /// Set when the in-memory metadata is in doubt (corruption found midway, an
+    /// internal inconsistency): writes are refused until the image is reopened.
     pub broken: Option<String>,
+    /// Set when flushing the host file failed: the kernel may have dropped written
+    /// pages, so no later flush can promise durability and writes are refused until
+    /// the image is reopened (QEMU does the same).
+    pub flush_failed: Option<String>,
     /// The internal snapshot table (see `snapshot.rs`).
     pub snapshots: crate::format::snapshot::SnapshotTable,
     /// Compressed clusters: packing position, write cache, last decompressed cluster.
@@ -75,10 +84,12 @@ impl Meta {
         move |e| Error::io(what, e)
     }
 
-    /// Marks the handle broken when `e` may have left the metadata half-updated (an
-    /// I/O error, no space, corruption found midway), then hands the error back.
+    /// Marks the handle broken when `e` means the metadata in memory is in doubt
+    /// (corruption found midway), then hands the error back. Host I/O errors and lack
+    /// of space leave the metadata consistent (every path rolls back or keeps dirty
+    /// tables for the next flush), so they do not break the handle.
     pub fn judge(&mut self, what: &str, e: Error) -> Error {
-        if matches!(e, Error::Io { .. } | Error::NoSpace(_) | Error::Corrupt(_)) {
+        if matches!(e, Error::Corrupt(_)) && self.broken.is_none() {
             self.broken = Some(format!("{what} failed: {e}"));
         }
         e
@@ -103,13 +114,19 @@ impl Meta {
         drop(self.gate.write().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Refuses writes on a read-only or broken handle.
+    /// Refuses writes on a read-only or broken handle, and after a failed flush.
     pub fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly("opened read-only".into()));
         }
         if let Some(why) = &self.broken {
             return Err(Error::Broken(why.clone()));
+        }
+        if let Some(why) = &self.flush_failed {
+            return Err(Error::Broken(format!(
+                "{why}; data written since the last successful flush may be lost, so \
+                 writes are refused until the image is reopened"
+            )));
         }
         Ok(())
     }
@@ -151,11 +168,43 @@ impl Meta {
         Ok(())
     }
 
-    /// Flushes the host storage (a write barrier).
-    pub fn sync(&self) -> Result<()> {
-        self.storage
-            .flush()
-            .map_err(Meta::io_err("flushing the image file"))
+    /// Flushes the host storage (a write barrier). Once a flush has failed, every later
+    /// one fails too: the kernel may have dropped dirty pages and then reports success
+    /// for pages it never wrote, so durability can no longer be promised.
+    pub fn sync(&mut self) -> Result<()> {
+        if let Some(why) = &self.flush_failed {
+            return Err(Error::io(
+                why.clone(),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.storage.flush().map_err(|e| {
+            let why = format!("flushing the image file failed earlier ({e})");
+            self.flush_failed = Some(why);
+            Error::io("flushing the image file", e)
+        })
+    }
+
+    /// Rewrites a few bytes that switch the on-disk structure from one state to
+    /// another (a table pointer, an L1 entry): `old` is what they held. When the
+    /// write fails, the bytes are read back to learn whether the switch happened:
+    /// `Ok` when it did, the write's error when the old bytes are still there, and the
+    /// handle breaks when neither can be told.
+    pub fn write_pointer(&mut self, what: &str, offset: u64, new: &[u8], old: &[u8]) -> Result<()> {
+        let Err(e) = self.write_host(what, new, offset) else {
+            return Ok(());
+        };
+        let mut now = vec![0u8; new.len()];
+        match self.storage.read_at(&mut now, offset) {
+            Ok(()) if now == new => Ok(()),
+            Ok(()) if now == old => Err(e),
+            _ => {
+                self.broken = Some(format!(
+                    "writing {what} at {offset:#x} failed and its contents cannot be told: {e}"
+                ));
+                Err(e)
+            }
+        }
     }
 
     /// Rewrites the whole header cluster from `self.header`.
@@ -165,23 +214,30 @@ impl Meta {
         self.write_host("header", &buf, 0)
     }
 
-    /// Rewrites the 12-byte field pair at `offset` of the header (QEMU's way of switching
-    /// a table pointer atomically enough: one sector write).
-    pub fn write_header_fields(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.write_host("header fields", bytes, offset)
+    /// Rewrites header fields at `offset` (QEMU's way of switching a table pointer
+    /// atomically enough: a write inside one sector); see [`Meta::write_pointer`].
+    pub fn write_header_fields(&mut self, offset: u64, bytes: &[u8], old: &[u8]) -> Result<()> {
+        self.write_pointer("header fields", offset, bytes, old)
     }
 
-    /// Writes one L1 entry in place.
-    pub fn write_l1_entry(&mut self, index: usize) -> Result<()> {
+    /// Writes one L1 entry in place; `old` is the entry the disk holds. On failure
+    /// the in-memory entry goes back to `old` unless the write is found to have landed.
+    pub fn write_l1_entry(&mut self, index: usize, old: u64) -> Result<()> {
         let off = self.header.l1_table_offset + index as u64 * 8;
         let bytes = self.l1[index].to_be_bytes();
-        self.write_host("L1 entry", &bytes, off)
+        let written = self.write_pointer("L1 entry", off, &bytes, &old.to_be_bytes());
+        if written.is_err() {
+            self.l1[index] = old;
+        }
+        written
     }
 
     /// Writes every dirty cached table back: refcount blocks first, a barrier, then L2
     /// tables, a barrier, then the deferred refcount decrements. Leaves the image
-    /// consistent on disk.
+    /// consistent on disk. A failure leaves what was not written dirty (or pending),
+    /// for the next flush to retry.
     pub fn flush_metadata(&mut self) -> Result<()> {
+        self.release_orphans()?;
         self.flush_compressed_cache()?;
         self.write_dirty_refcount_blocks()?;
         let dirty_l2 = self.l2_cache.dirty_keys();

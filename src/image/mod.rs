@@ -18,6 +18,7 @@ mod repair;
 mod resize;
 mod snapshot;
 mod status;
+mod txn;
 mod vmstate;
 mod write;
 mod zero;
@@ -131,8 +132,8 @@ impl Image {
     }
 
     /// Runs an operation that changes mappings wholesale, with no allocation or data
-    /// transfer in flight (see `inflight.rs`), marking the handle broken if it fails
-    /// in a way that may have left the metadata half-updated.
+    /// transfer in flight (see `inflight.rs`), marking the handle broken if it finds
+    /// corruption midway (host errors leave the metadata consistent).
     fn modify(&self, what: &str, f: impl FnOnce(&mut Meta) -> Result<()>) -> Result<()> {
         let mut meta = self.exclusive()?;
         meta.check_writable()?;
@@ -189,17 +190,16 @@ impl Image {
         Ok(out)
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable. A failed write of metadata is
+    /// retried by the next flush; once flushing the host file itself has failed,
+    /// this and every later flush (and close) fail, since the kernel may have dropped
+    /// written data, and writes are refused until the image is reopened.
     pub fn flush(&self) -> Result<()> {
         let mut meta = self.lock()?;
         if meta.read_only {
             return Ok(());
         }
-        let result = meta.flush_metadata();
-        if let Err(e) = &result {
-            meta.broken = Some(format!("a flush failed: {e}"));
-        }
-        result
+        meta.flush_metadata()
     }
 
     /// Flushes and closes the image, returning the flush status.
@@ -254,7 +254,7 @@ impl Image {
                 CompressionType::Zlib
             },
             nb_snapshots: h.nb_snapshots,
-            host_size: meta.storage.len().unwrap_or(meta.host_end),
+            host_size: meta.host_end,
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
             backing_chain: meta.backing.as_ref().map(|b| b.chain()).unwrap_or_default(),
@@ -285,15 +285,30 @@ pub(crate) fn lock_image_file(
         (true, false) => LockMode::READER,
         (true, true) => LockMode::SHARING_READER,
     };
-    match storage.lock(mode) {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(conflict)) => Err(Error::Busy(format!(
-            "{conflict}: is another process using the image [{}]?",
-            path.display()
-        ))),
-        Err(e) => Err(Error::io(format!("locking '{}'", path.display()), e)),
+    // A conflict that goes away within moments is waited out: a process another
+    // thread is spawning holds copies of this process's descriptors (and so of the
+    // locks of an image just closed) until it execs.
+    let mut tries = 0;
+    loop {
+        match storage.lock(mode) {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(_)) if tries < LOCK_RETRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(Err(conflict)) => {
+                return Err(Error::Busy(format!(
+                    "{conflict}: is another process using the image [{}]?",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("locking '{}'", path.display()), e)),
+        }
     }
 }
+
+/// How many times a lock conflict is retried, 10 ms apart, before the open fails.
+const LOCK_RETRIES: u32 = 5;
 
 impl Drop for Image {
     fn drop(&mut self) {

@@ -116,6 +116,7 @@ pub(crate) fn open_meta(
             blocks: TableCache::new(REFCOUNT_CACHE_BLOCKS),
             free_hint: 0,
             pending_frees: Vec::new(),
+            orphans: Vec::new(),
         },
         backing: backing.map(Arc::new),
         backing_refused,
@@ -126,6 +127,7 @@ pub(crate) fn open_meta(
         preallocated_end: file_size,
         preallocated: None,
         broken: None,
+        flush_failed: None,
         snapshots: Default::default(),
         compress: super::compress::CompressState::new(if opts.read_only {
             0

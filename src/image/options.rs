@@ -141,7 +141,9 @@ pub struct ImageInfo {
     pub compression_type: CompressionType,
     /// Number of internal snapshots.
     pub nb_snapshots: u32,
-    /// Size of the image file on the host, in bytes.
+    /// Bytes of the image file in use: the end of the last cluster allocated. The
+    /// file may be longer meanwhile (host space preallocated ahead for new clusters,
+    /// given back on close).
     pub host_size: u64,
     /// The backing file name as stored in the image.
     pub backing_file: Option<String>,

@@ -105,43 +105,93 @@ impl Meta {
         })
     }
 
-    /// Adds `delta` (±1) to the refcounts of `count` clusters starting at host `offset`.
+    /// Adds one to (or, with `increase` false, takes one from) the refcounts of `count`
+    /// clusters starting at host `offset`. On failure the clusters before the failing
+    /// one are done and the rest untouched (see [`Meta::adjust_refcounts`]).
     pub(crate) fn update_refcounts(
         &mut self,
         offset: u64,
         count: u64,
         increase: bool,
     ) -> Result<()> {
+        self.adjust_refcounts(offset, count, increase)
+            .map_err(|(_, e)| e)
+    }
+
+    /// Gives back `count` clusters at `offset` that nothing references, in memory or
+    /// on disk (an allocation that failed). Never fails: what cannot be released now
+    /// is kept as an orphan and released by the next flush.
+    pub(crate) fn release_unreferenced(&mut self, offset: u64, count: u64) {
+        match self.adjust_refcounts(offset, count, false) {
+            Ok(()) => {
+                // The last clusters of the file given back: it no longer needs them.
+                if offset + (count << self.cluster_bits) == self.host_end {
+                    self.host_end = offset;
+                }
+            }
+            Err((done, _)) => self
+                .rc
+                .orphans
+                .push((offset + (done << self.cluster_bits), count - done)),
+        }
+    }
+
+    /// Releases the orphans (see [`Meta::release_unreferenced`]); those that still
+    /// cannot be released stay for the next try.
+    pub(crate) fn release_orphans(&mut self) -> Result<()> {
+        while let Some((offset, count)) = self.rc.orphans.pop() {
+            if let Err((done, e)) = self.adjust_refcounts(offset, count, false) {
+                self.rc
+                    .orphans
+                    .push((offset + (done << self.cluster_bits), count - done));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Meta::update_refcounts`], telling on failure how many clusters were done.
+    pub(crate) fn adjust_refcounts(
+        &mut self,
+        offset: u64,
+        count: u64,
+        increase: bool,
+    ) -> std::result::Result<(), (u64, Error)> {
         let first = offset >> self.cluster_bits;
         let mut drained = false;
         for cluster in first..first + count {
-            let rc = self.refcount(cluster)?;
-            let new = if increase {
-                rc + 1
-            } else {
-                rc.checked_sub(1).ok_or_else(|| {
-                    corrupt!(
-                        "cluster at {:#x} is freed but its refcount is already 0",
-                        cluster << self.cluster_bits
-                    )
-                })?
-            };
-            if new == 0 && !drained {
-                // No read or write planned against an old mapping may still be
-                // running when the cluster becomes free for reuse.
-                self.drain_data_io();
-                drained = true;
-            }
-            self.set_refcount(cluster, new)?;
-            if new == 0 {
-                self.compressed_host_cluster_freed(cluster << self.cluster_bits);
-                self.rc.free_hint = self.rc.free_hint.min(cluster);
-                if self.discard_unmap {
-                    let at = cluster << self.cluster_bits;
-                    self.storage
-                        .punch_hole(at, self.cluster_size)
-                        .map_err(Meta::io_err(format!("punching freed cluster at {at:#x}")))?;
-                }
+            self.adjust_refcount(cluster, increase, &mut drained)
+                .map_err(|e| (cluster - first, e))?;
+        }
+        Ok(())
+    }
+
+    fn adjust_refcount(&mut self, cluster: u64, increase: bool, drained: &mut bool) -> Result<()> {
+        let rc = self.refcount(cluster)?;
+        let new = if increase {
+            rc + 1
+        } else {
+            rc.checked_sub(1).ok_or_else(|| {
+                corrupt!(
+                    "cluster at {:#x} is freed but its refcount is already 0",
+                    cluster << self.cluster_bits
+                )
+            })?
+        };
+        if new == 0 && !*drained {
+            // No read or write planned against an old mapping may still be running
+            // when the cluster becomes free for reuse.
+            self.drain_data_io();
+            *drained = true;
+        }
+        self.set_refcount(cluster, new)?;
+        if new == 0 {
+            self.compressed_host_cluster_freed(cluster << self.cluster_bits);
+            self.rc.free_hint = self.rc.free_hint.min(cluster);
+            if self.discard_unmap {
+                // Only saves host space: a cluster that stays allocated is harmless.
+                let at = cluster << self.cluster_bits;
+                let _ = self.storage.punch_hole(at, self.cluster_size);
             }
         }
         Ok(())
@@ -167,10 +217,18 @@ impl Meta {
         refcount::set(&mut block, 0, self.header.refcount_order, 1)?;
         self.write_host("new refcount block", &block, offset)?;
         self.sync()?;
-        self.rc.table[index] = offset;
         let entry_off = self.header.refcount_table_offset + index as u64 * 8;
-        self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
-        self.cache_refcount_block(offset, block)?;
+        // Until the entry is written nothing points to the block: a failure leaves
+        // the image as it was (the block describes only itself).
+        self.write_pointer(
+            "refcount table entry",
+            entry_off,
+            &offset.to_be_bytes(),
+            &[0; 8],
+        )?;
+        self.rc.table[index] = offset;
+        // Not cached (the cache had no room)? It is on disk and loads when needed.
+        let _ = self.cache_refcount_block(offset, block);
         Ok(offset)
     }
 
@@ -219,35 +277,56 @@ impl Meta {
         let end = start + table_clusters + blocks.len() as u64;
         let order = self.header.refcount_order;
         let mask = (1u64 << self.rb_bits) - 1;
+        // Clusters of the new structure counted in existing blocks: given back if the
+        // switch does not happen.
+        let mut counted = Vec::new();
+        let mut result = Ok(());
         for cluster in start..end {
             let b = self.block_index(cluster);
             if let Some((_, _, data)) = blocks.iter_mut().find(|(idx, _, _)| *idx == b) {
                 refcount::set(data, (cluster & mask) as usize, order, 1)?;
             } else {
-                self.set_refcount(cluster, 1)?;
+                result = self.set_refcount(cluster, 1);
+                if result.is_err() {
+                    break;
+                }
+                counted.push(cluster);
             }
         }
-        for (_, off, data) in &blocks {
-            self.write_host("new refcount block", data, *off)?;
-        }
-        self.write_dirty_refcount_blocks()?;
-        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.write_host("new refcount table", &bytes, table_offset)?;
-        self.sync()?;
         let old_offset = self.header.refcount_table_offset;
         let old_clusters = self.header.refcount_table_clusters as u64;
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.write_header_fields(48, &fields)?;
-        self.sync()?;
+        let mut old_fields = [0u8; 12];
+        old_fields[..8].copy_from_slice(&old_offset.to_be_bytes());
+        old_fields[8..].copy_from_slice(&(old_clusters as u32).to_be_bytes());
+        let result = result.and_then(|()| {
+            for (_, off, data) in &blocks {
+                self.write_host("new refcount block", data, *off)?;
+            }
+            self.write_dirty_refcount_blocks()?;
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.write_host("new refcount table", &bytes, table_offset)?;
+            self.sync()?;
+            self.write_header_fields(48, &fields, &old_fields)
+        });
+        if let Err(e) = result {
+            for cluster in counted {
+                self.release_unreferenced(cluster << self.cluster_bits, 1);
+            }
+            return Err(e);
+        }
         self.header.refcount_table_offset = table_offset;
         self.header.refcount_table_clusters = table_clusters as u32;
         self.rc.table = table;
         for (_, off, data) in blocks {
-            self.cache_refcount_block(off, data)?;
+            // Not cached? The block is on disk and loads when needed.
+            let _ = self.cache_refcount_block(off, data);
         }
-        self.update_refcounts(old_offset, old_clusters, false)?;
+        self.sync()?;
+        // Nothing points to the old table any more.
+        self.release_unreferenced(old_offset, old_clusters);
         Ok(())
     }
 
@@ -350,12 +429,20 @@ impl Meta {
                 self.place_refcount_blocks(&missing, start + count)?;
             }
             for cluster in start..start + count {
-                if self.refcount(cluster)? != 0 {
-                    return Err(corrupt!(
+                let taken = match self.refcount(cluster) {
+                    Ok(0) => self.set_refcount(cluster, 1),
+                    Ok(_) => Err(corrupt!(
                         "allocator picked cluster {cluster} that is in use"
-                    ));
+                    )),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = taken {
+                    // All or nothing: give back what this call took.
+                    if cluster > start {
+                        self.release_unreferenced(start << self.cluster_bits, cluster - start);
+                    }
+                    return Err(e);
                 }
-                self.set_refcount(cluster, 1)?;
             }
             let offset = start << self.cluster_bits;
             let end = offset + (count << self.cluster_bits);
@@ -384,25 +471,54 @@ impl Meta {
                 (index, at + k as u64, block)
             })
             .collect();
+        let mut counted = Vec::new();
+        let mut result = Ok(());
         for k in 0..blocks.len() {
             let cluster = blocks[k].1;
             let describing = self.block_index(cluster);
             match blocks.iter().position(|(index, _, _)| *index == describing) {
                 Some(j) => refcount::set(&mut blocks[j].2, (cluster & mask) as usize, order, 1)?,
-                None => self.set_refcount(cluster, 1)?,
+                None => {
+                    result = self.set_refcount(cluster, 1);
+                    if result.is_err() {
+                        break;
+                    }
+                    counted.push(cluster);
+                }
             }
         }
-        for (_, cluster, data) in &blocks {
-            self.write_host("new refcount block", data, cluster << self.cluster_bits)?;
+        let result = result.and_then(|()| {
+            for (_, cluster, data) in &blocks {
+                self.write_host("new refcount block", data, cluster << self.cluster_bits)?;
+            }
+            self.write_dirty_refcount_blocks()?;
+            self.sync()
+        });
+        if let Err(e) = result {
+            for cluster in counted {
+                self.release_unreferenced(cluster << self.cluster_bits, 1);
+            }
+            return Err(e);
         }
-        self.write_dirty_refcount_blocks()?;
-        self.sync()?;
+        // Each entry switches on its own; a block whose entry fails stays unused (its
+        // cluster, if counted elsewhere, is given back).
         for (index, cluster, data) in blocks {
             let offset = cluster << self.cluster_bits;
-            self.rc.table[index] = offset;
             let entry_off = self.header.refcount_table_offset + index as u64 * 8;
-            self.write_host("refcount table entry", &offset.to_be_bytes(), entry_off)?;
-            self.cache_refcount_block(offset, data)?;
+            let switched = self.write_pointer(
+                "refcount table entry",
+                entry_off,
+                &offset.to_be_bytes(),
+                &[0; 8],
+            );
+            if let Err(e) = switched {
+                if counted.contains(&cluster) {
+                    self.release_unreferenced(offset, 1);
+                }
+                return Err(e);
+            }
+            self.rc.table[index] = offset;
+            let _ = self.cache_refcount_block(offset, data);
         }
         Ok(())
     }
@@ -429,14 +545,29 @@ impl Meta {
         }
     }
 
-    /// Applies the deferred decrements (caller has flushed the L2 tables first).
+    /// Applies the deferred decrements (caller has flushed the L2 tables first). On
+    /// failure what was not applied stays pending.
     pub(crate) fn apply_pending_frees(&mut self) -> Result<()> {
-        let frees = std::mem::take(&mut self.rc.pending_frees);
-        for (offset, count) in frees {
-            self.update_refcounts(offset, count, false)?;
-            for i in 0..count {
+        let mut frees = std::mem::take(&mut self.rc.pending_frees);
+        frees.reverse();
+        while let Some((offset, count)) = frees.pop() {
+            let done = self.adjust_refcounts(offset, count, false);
+            let applied = match &done {
+                Ok(()) => count,
+                Err((n, _)) => *n,
+            };
+            for i in 0..applied {
                 // A freed cluster may have been an L2 table: forget any cached copy.
-                self.l2_cache.remove(offset + (i << self.cluster_bits));
+                let at = offset + (i << self.cluster_bits);
+                if self.refcount(at >> self.cluster_bits).unwrap_or(1) == 0 {
+                    self.l2_cache.remove(at);
+                }
+            }
+            if let Err((n, e)) = done {
+                frees.push((offset + (n << self.cluster_bits), count - n));
+                frees.reverse();
+                self.rc.pending_frees.extend(frees);
+                return Err(e);
             }
         }
         Ok(())

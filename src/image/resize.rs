@@ -88,8 +88,9 @@ impl Meta {
             let table = self.l2_offset(index)?;
             if table != 0 {
                 self.flush_metadata()?; // the table's cleared entries reach disk first
+                let old = self.l1[index];
                 self.l1[index] = 0;
-                self.write_l1_entry(index)?;
+                self.write_l1_entry(index, old)?;
                 self.sync()?;
                 self.l2_cache.remove(table);
                 self.free_later(table, 1);
@@ -104,10 +105,10 @@ impl Meta {
     }
 
     fn set_size(&mut self, new_size: u64) -> Result<()> {
-        self.write_header_fields(24, &new_size.to_be_bytes())?;
-        self.sync()?;
+        let old = self.header.size.to_be_bytes();
+        self.write_header_fields(24, &new_size.to_be_bytes(), &old)?;
         self.header.size = new_size;
-        Ok(())
+        self.sync()
     }
 
     /// Replaces the L1 table with one of `entries` entries (copying the old ones).
@@ -125,19 +126,27 @@ impl Meta {
         table.resize(entries as usize, 0);
         let mut bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         bytes.resize((clusters * self.cluster_size) as usize, 0);
-        self.write_host("new L1 table", &bytes, offset)?;
-        self.write_dirty_refcount_blocks()?;
-        self.sync()?;
         let mut fields = [0u8; 12];
         fields[..4].copy_from_slice(&(entries as u32).to_be_bytes());
         fields[4..].copy_from_slice(&offset.to_be_bytes());
-        self.write_header_fields(36, &fields)?;
-        self.sync()?;
+        let mut old_fields = [0u8; 12];
+        old_fields[..4].copy_from_slice(&self.header.l1_size.to_be_bytes());
+        old_fields[4..].copy_from_slice(&old_offset.to_be_bytes());
+        let switched = self
+            .write_host("new L1 table", &bytes, offset)
+            .and_then(|()| self.write_dirty_refcount_blocks())
+            .and_then(|()| self.sync())
+            .and_then(|()| self.write_header_fields(36, &fields, &old_fields));
+        if let Err(e) = switched {
+            self.release_unreferenced(offset, clusters);
+            return Err(e);
+        }
         self.header.l1_size = entries as u32;
         self.header.l1_table_offset = offset;
         self.l1 = table;
+        self.sync()?;
         if old_clusters > 0 {
-            self.update_refcounts(old_offset, old_clusters, false)?;
+            self.release_unreferenced(old_offset, old_clusters);
         }
         Ok(())
     }

@@ -19,9 +19,7 @@ use super::meta::Meta;
 use super::Image;
 use crate::corrupt;
 use crate::error::{Error, Result};
-use crate::format::compressed;
-use crate::format::entry::{self, Mapping, COPIED};
-use crate::format::refcount::max_value;
+use crate::format::entry::{self, COPIED};
 use crate::format::snapshot::{
     self as codec, Parsed, SnapshotEntry, SnapshotTable, TableContext, MAX_SNAPSHOTS,
     MAX_TABLE_BYTES,
@@ -154,236 +152,6 @@ impl Meta {
             .collect())
     }
 
-    /// Writes the whole active L1 table in place (no barrier).
-    fn write_active_l1(&mut self) -> Result<()> {
-        let bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let offset = self.header.l1_table_offset;
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        self.write_host("L1 table", &bytes, offset)
-    }
-
-    /// The host clusters an L2 table references, as (offset, count) runs, validated.
-    fn l2_references(&mut self, table: u64) -> Result<Vec<(u64, u64)>> {
-        self.load_l2_table(table)?;
-        let entries: Vec<u64> = self
-            .l2_cache
-            .get(table)
-            .expect("table just loaded")
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        let file_clusters = self.host_end.div_ceil(self.cluster_size);
-        let mut refs = Vec::new();
-        for e in entries {
-            match entry::classify_l2(e, self.cluster_bits)? {
-                Mapping::Normal { host, .. }
-                | Mapping::Zero {
-                    host: Some(host), ..
-                } => {
-                    self.check_data_cluster(host)?;
-                    refs.push((host, 1));
-                }
-                Mapping::Compressed { offset, len } => {
-                    let (first, count) = compressed::host_clusters(offset, len, self.cluster_bits);
-                    if (first >> self.cluster_bits) + count > file_clusters {
-                        return Err(corrupt!(
-                            "compressed cluster at {offset:#x} ({len} bytes) lies outside the file"
-                        ));
-                    }
-                    refs.push((first, count));
-                }
-                Mapping::Zero { host: None, .. } | Mapping::Unallocated => {}
-            }
-        }
-        Ok(refs)
-    }
-
-    /// Visits what the L1 table `l1` references — each L2 table's clusters, then the
-    /// table — calling `f` with (host offset, clusters). Stops after `limit` visits.
-    /// Returns the number of visits made.
-    fn walk_tree(
-        &mut self,
-        l1: &[u64],
-        limit: usize,
-        f: &mut dyn FnMut(&mut Meta, u64, u64) -> Result<()>,
-    ) -> Result<usize> {
-        let mut done = 0;
-        for &l1_entry in l1 {
-            let table = entry::l1_table_offset(l1_entry, self.cluster_bits)?;
-            if table == 0 {
-                continue;
-            }
-            for (offset, count) in self.l2_references(table)? {
-                if done == limit {
-                    return Ok(done);
-                }
-                f(self, offset, count)?;
-                done += 1;
-            }
-            if done == limit {
-                return Ok(done);
-            }
-            f(self, table, 1)?;
-            done += 1;
-        }
-        Ok(done)
-    }
-
-    /// Adds one reference to everything `l1` reaches. Fails without changing anything
-    /// when some refcount is already at the width's maximum.
-    fn reference_tree(&mut self, l1: &[u64]) -> Result<()> {
-        let max = max_value(self.header.refcount_order);
-        let bits = 1u32 << self.header.refcount_order;
-        let mut done = 0usize;
-        let result = self.walk_tree(l1, usize::MAX, &mut |meta, offset, count| {
-            let first = offset >> meta.cluster_bits;
-            for cluster in first..first + count {
-                let rc = meta.refcount(cluster)?;
-                if rc >= max {
-                    return Err(Error::Unsupported(format!(
-                        "cluster at {:#x} already has {rc} references, the most {bits}-bit \
-                         refcounts can count; no further snapshot can share it",
-                        cluster << meta.cluster_bits
-                    )));
-                }
-            }
-            meta.update_refcounts(offset, count, true)?;
-            done += 1;
-            Ok(())
-        });
-        if let Err(e) = result {
-            // Undo what was added (the failing step changed nothing).
-            let undo = done;
-            let _ = self.walk_tree(l1, undo, &mut |meta, offset, count| {
-                meta.update_refcounts(offset, count, false)
-            });
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Drops one reference from everything `l1` reaches (no table on disk may point to
-    /// `l1`'s tree through the dropped path any more). Freed L2 tables leave the cache.
-    fn unreference_tree(&mut self, l1: &[u64]) -> Result<()> {
-        self.walk_tree(l1, usize::MAX, &mut |meta, offset, count| {
-            meta.update_refcounts(offset, count, false)?;
-            for i in 0..count {
-                let at = offset + (i << meta.cluster_bits);
-                if meta.refcount(at >> meta.cluster_bits)? == 0 {
-                    meta.l2_cache.remove(at);
-                }
-            }
-            Ok(())
-        })
-        .map(|_| ())
-    }
-
-    /// Sets COPIED on exactly the active L1 and L2 entries whose cluster has a
-    /// refcount of one. Changed L2 tables become dirty in the cache; returns whether
-    /// the in-memory L1 changed (the caller writes it after the refcounts and L2
-    /// tables are on disk).
-    fn update_copied_flags(&mut self) -> Result<bool> {
-        let mut l1_changed = false;
-        for i in 0..self.l1.len() {
-            let l1_entry = self.l1[i];
-            let table = entry::l1_table_offset(l1_entry, self.cluster_bits)?;
-            if table == 0 {
-                continue;
-            }
-            self.load_l2_table(table)?;
-            let entries: Vec<u64> = self
-                .l2_cache
-                .get(table)
-                .expect("table just loaded")
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-                .collect();
-            let mut changes = Vec::new();
-            for (j, &e) in entries.iter().enumerate() {
-                let host = match entry::classify_l2(e, self.cluster_bits)? {
-                    Mapping::Normal { host, .. }
-                    | Mapping::Zero {
-                        host: Some(host), ..
-                    } => host,
-                    _ => continue,
-                };
-                let owned = self.refcount(host >> self.cluster_bits)? == 1;
-                let want = if owned { e | COPIED } else { e & !COPIED };
-                if want != e {
-                    changes.push((j, want));
-                }
-            }
-            if !changes.is_empty() {
-                self.load_l2_table(table)?;
-                let data = self.l2_cache.get_mut(table).expect("table just loaded");
-                for (j, v) in changes {
-                    data[j * 8..j * 8 + 8].copy_from_slice(&v.to_be_bytes());
-                }
-            }
-            let owned = self.refcount(table >> self.cluster_bits)? == 1;
-            let want = if owned {
-                l1_entry | COPIED
-            } else {
-                l1_entry & !COPIED
-            };
-            if want != l1_entry {
-                self.l1[i] = want;
-                l1_changed = true;
-            }
-        }
-        Ok(l1_changed)
-    }
-
-    /// Recomputes COPIED and writes everything in order: refcounts, L2 tables, then L1.
-    fn settle_copied_flags(&mut self) -> Result<()> {
-        let l1_changed = self.update_copied_flags()?;
-        self.flush_metadata()?;
-        if l1_changed {
-            self.write_active_l1()?;
-            self.sync()?;
-        }
-        Ok(())
-    }
-
-    /// Writes `entries` as the new snapshot table and points the header to it, then
-    /// frees the old table.
-    fn replace_snapshot_table(&mut self, entries: Vec<SnapshotEntry>) -> Result<()> {
-        let bytes = codec::encode_table(&entries)?;
-        let cs = self.cluster_size;
-        let offset = if entries.is_empty() {
-            0
-        } else {
-            let clusters = (bytes.len() as u64).div_ceil(cs);
-            let offset = self.alloc_clusters(clusters)?;
-            self.write_dirty_refcount_blocks()?;
-            let mut padded = bytes.clone();
-            padded.resize((clusters * cs) as usize, 0);
-            self.write_host("snapshot table", &padded, offset)?;
-            offset
-        };
-        self.sync()?;
-        let mut fields = [0u8; 12];
-        fields[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
-        fields[4..].copy_from_slice(&offset.to_be_bytes());
-        self.write_header_fields(60, &fields)?;
-        self.sync()?;
-        let old_offset = self.header.snapshots_offset;
-        let old_size = self.snapshots.size;
-        let had_table = self.header.nb_snapshots > 0;
-        self.header.nb_snapshots = entries.len() as u32;
-        self.header.snapshots_offset = offset;
-        self.snapshots = SnapshotTable {
-            entries,
-            size: bytes.len() as u64,
-        };
-        if had_table && old_size > 0 {
-            self.update_refcounts(old_offset, old_size.div_ceil(cs), false)?;
-        }
-        Ok(())
-    }
-
     /// Checks a new snapshot named `name` can be added, without changing anything.
     pub(crate) fn snapshot_create_check(&self, name: &[u8]) -> Result<()> {
         if name.len() > MAX_SNAPSHOT_NAME || name.contains(&0) {
@@ -409,46 +177,65 @@ impl Meta {
         Ok(())
     }
 
-    /// Creates a snapshot of the active image (see [`Image::snapshot_create`]).
+    /// Creates a snapshot of the active image (see [`Image::snapshot_create`]), in
+    /// one metadata transaction (see `txn.rs`): the snapshot takes over the active
+    /// image's L2 tables; the active image keeps them where they already say
+    /// "shared" and gets copies with COPIED cleared where they do not.
     pub(crate) fn snapshot_create(
         &mut self,
         name: &[u8],
         opts: &SnapshotOptions,
     ) -> Result<SnapshotEntry> {
         self.snapshot_create_check(name)?;
-        self.flush_metadata()?;
+        let mut t = self.begin_txn()?;
         let span = self.l1_span();
-        // The snapshot's L1: the active one, without VM state beyond what it records.
-        let vm_index = self.vmstate_l1_index();
+        // The snapshot's L1 holds the disk and the VM state it records; state past
+        // that is dropped, and the active image keeps no VM state (QEMU's rule).
+        let vm_index = self.vmstate_l1_index() as usize;
         let keep = if opts.vm_state_size > 0 {
             (self.vmstate_offset().saturating_add(opts.vm_state_size)).div_ceil(span)
         } else {
-            vm_index
+            vm_index as u64
         }
         .min(self.l1.len() as u64) as usize;
-        let kept: Vec<u64> = self.l1[..keep].to_vec();
-
-        // 1. Raise the refcounts, clear COPIED where they are no longer 1, and put
-        //    both on disk (refcounts first).
-        self.reference_tree(&kept)?;
-        self.settle_copied_flags()?;
-
-        // 2. The L1 copy, on disk before the table names it.
-        let mut sn_l1 = vec![0u64; self.l1.len()];
-        sn_l1[..keep].copy_from_slice(&self.l1[..keep]);
+        let old_l1 = self.l1.clone();
+        let mut active = vec![0u64; old_l1.len()];
+        let mut sn_l1 = vec![0u64; old_l1.len()];
+        for (i, &e) in old_l1.iter().enumerate() {
+            let table = entry::l1_table_offset(e, self.cluster_bits)?;
+            if table == 0 || i < keep {
+                continue;
+            }
+            // Unrecorded VM state: the active L1's reference goes away.
+            self.txn_reference_l2(&mut t, table, false)?;
+        }
+        for (i, &e) in old_l1.iter().enumerate().take(keep) {
+            let table = entry::l1_table_offset(e, self.cluster_bits)?;
+            if table == 0 {
+                continue;
+            }
+            // The snapshot takes over the active L1's reference to the table.
+            sn_l1[i] = table;
+            if i >= vm_index {
+                continue; // recorded VM state leaves the active image
+            }
+            // The active image reaches everything under it once more.
+            let (entry, copy) =
+                self.txn_active_table(&mut t, table, &mut |_, _, _| Ok(false), true)?;
+            for (offset, count) in self.l2_refs(table)?.refs {
+                self.txn_add(&mut t, offset, count, true)?;
+            }
+            if !copy {
+                self.txn_add(&mut t, table, 1, true)?;
+            }
+            active[i] = entry;
+        }
         let l1_offset = if sn_l1.is_empty() {
             0
         } else {
             let bytes: Vec<u8> = sn_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-            let clusters = (bytes.len() as u64).div_ceil(self.cluster_size);
-            let offset = self.alloc_clusters(clusters)?;
-            self.write_dirty_refcount_blocks()?;
-            self.write_host("snapshot L1 table", &bytes, offset)?;
-            offset
+            self.txn_new_table(&mut t, "snapshot L1 table", &bytes)?
         };
-        self.sync()?;
-
-        // 3. The new table, then the header pointer; the old table is freed after.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -467,30 +254,30 @@ impl Meta {
         };
         let mut entries = self.snapshots.entries.clone();
         entries.push(entry.clone());
-        self.replace_snapshot_table(entries)?;
-
-        // 4. The VM state now belongs to the snapshot: drop it from the active image.
-        self.drop_active_vmstate()?;
-        self.flush_metadata()?;
+        t.snapshots = Some(entries);
+        t.l1 = Some(active);
+        self.commit_txn(t)?;
         Ok(entry)
     }
 
     /// Removes every L1 entry past the virtual disk (the VM state area) from the
-    /// active image, releasing what they referenced.
+    /// active image, releasing what they referenced (one transaction).
     pub(crate) fn drop_active_vmstate(&mut self) -> Result<()> {
         let first = self.vmstate_l1_index() as usize;
         if first >= self.l1.len() || self.l1[first..].iter().all(|&e| e == 0) {
             return Ok(());
         }
-        self.flush_metadata()?;
-        let dropped: Vec<u64> = self.l1[first..].to_vec();
-        for e in &mut self.l1[first..] {
+        let mut t = self.begin_txn()?;
+        let mut active = self.l1.clone();
+        for e in &mut active[first..] {
+            let table = entry::l1_table_offset(*e, self.cluster_bits)?;
+            if table != 0 {
+                self.txn_reference_l2(&mut t, table, false)?;
+            }
             *e = 0;
         }
-        self.write_active_l1()?;
-        self.sync()?;
-        self.unreference_tree(&dropped)?;
-        Ok(())
+        t.l1 = Some(active);
+        self.commit_txn(t)
     }
 
     fn find_snapshot(&self, id_or_name: &[u8]) -> Result<usize> {
@@ -507,7 +294,10 @@ impl Meta {
         self.find_snapshot(id_or_name).map(|_| ())
     }
 
-    /// Makes the active image what the snapshot recorded (see [`Image::snapshot_goto`]).
+    /// Makes the active image what the snapshot recorded (see [`Image::snapshot_goto`]),
+    /// in one metadata transaction: the active L1 shares the snapshot's L2 tables
+    /// (copies where their COPIED flags would claim sole ownership), and the old
+    /// active tree loses its references.
     pub(crate) fn snapshot_goto(&mut self, id_or_name: &[u8]) -> Result<()> {
         let sn = self.snapshots.entries[self.find_snapshot(id_or_name)?].clone();
         let sn_l1 = self.read_l1_table("snapshot L1 table", sn.l1_table_offset, sn.l1_size)?;
@@ -527,47 +317,90 @@ impl Meta {
                 sn.disk_size
             ));
         }
-        self.flush_metadata()?;
-        if sn_l1.len() > self.l1.len() {
-            self.grow_l1(sn_l1.len() as u64)?;
+        let mut t = self.begin_txn()?;
+        // The old active tree's references go first (so a cluster both trees reach
+        // never counts past the width on the way).
+        for e in self.l1.clone() {
+            let table = entry::l1_table_offset(e, self.cluster_bits)?;
+            if table != 0 {
+                self.txn_reference_l2(&mut t, table, false)?;
+            }
         }
-        // Refcounts for the snapshot's tree first, on disk.
-        self.reference_tree(&sn_l1)?;
-        self.write_dirty_refcount_blocks()?;
-        self.sync()?;
-        // Overwrite the active L1 in place.
-        let mut new_l1 = sn_l1;
-        new_l1.resize(self.l1.len(), 0);
-        let old_l1 = std::mem::replace(&mut self.l1, new_l1);
-        if let Err(e) = self.write_active_l1().and_then(|_| self.sync()) {
-            self.l1 = old_l1;
-            return Err(e);
+        let mut active = vec![0u64; sn_l1.len().max(self.l1.len())];
+        for (j, &e) in sn_l1.iter().enumerate() {
+            let table = entry::l1_table_offset(e, self.cluster_bits)?;
+            if table == 0 {
+                continue;
+            }
+            // Shared with the snapshot from now on: nothing under it is owned alone.
+            let (entry, copy) =
+                self.txn_active_table(&mut t, table, &mut |_, _, _| Ok(false), true)?;
+            for (offset, count) in self.l2_refs(table)?.refs {
+                self.txn_add(&mut t, offset, count, true)?;
+            }
+            if !copy {
+                self.txn_add(&mut t, table, 1, true)?;
+            }
+            active[j] = entry;
         }
+        t.l1 = Some(active);
         if sn.disk_size != self.header.size {
-            self.write_header_fields(24, &sn.disk_size.to_be_bytes())?;
-            self.sync()?;
-            self.header.size = sn.disk_size;
+            t.size = Some(sn.disk_size);
         }
-        // The old tree lost its reference.
-        self.unreference_tree(&old_l1)?;
-        self.settle_copied_flags()
+        self.commit_txn(t)
     }
 
-    /// Deletes a snapshot (see [`Image::snapshot_delete`]).
+    /// Deletes a snapshot (see [`Image::snapshot_delete`]) in one metadata
+    /// transaction: its tree loses a reference, and active tables that the active
+    /// image now owns alone get COPIED back (copies where entries change).
     pub(crate) fn snapshot_delete(&mut self, id_or_name: &[u8]) -> Result<()> {
         let index = self.find_snapshot(id_or_name)?;
         let sn = self.snapshots.entries[index].clone();
         let sn_l1 = self.read_l1_table("snapshot L1 table", sn.l1_table_offset, sn.l1_size)?;
-        self.flush_metadata()?;
+        let mut t = self.begin_txn()?;
         let mut entries = self.snapshots.entries.clone();
         entries.remove(index);
-        self.replace_snapshot_table(entries)?;
-        self.unreference_tree(&sn_l1)?;
+        t.snapshots = Some(entries);
         if sn.l1_size > 0 {
             let clusters = (sn.l1_size as u64 * 8).div_ceil(self.cluster_size);
-            self.update_refcounts(sn.l1_table_offset, clusters, false)?;
+            self.txn_add(&mut t, sn.l1_table_offset, clusters, false)?;
         }
-        self.settle_copied_flags()
+        for &e in &sn_l1 {
+            let table = entry::l1_table_offset(e, self.cluster_bits)?;
+            if table != 0 {
+                self.txn_reference_l2(&mut t, table, false)?;
+            }
+        }
+        let old_l1 = self.l1.clone();
+        let mut active = old_l1.clone();
+        let bits = self.cluster_bits;
+        for (i, &e) in old_l1.iter().enumerate() {
+            let table = entry::l1_table_offset(e, bits)?;
+            if table == 0 {
+                continue;
+            }
+            let (_, now) = self.txn_refcounts(&t, table >> bits)?;
+            if now != 1 {
+                // Still shared: so is everything under it; nothing changes.
+                active[i] = table;
+                continue;
+            }
+            let (entry, copy) = self.txn_active_table(
+                &mut t,
+                table,
+                &mut |m, t, host| Ok(m.txn_refcounts(t, host >> bits)?.1 == 1),
+                true,
+            )?;
+            if copy {
+                // The copy takes over the active reference (same clusters under it).
+                self.txn_add(&mut t, table, 1, false)?;
+            }
+            active[i] = entry | COPIED;
+        }
+        if active != old_l1 {
+            t.l1 = Some(active);
+        }
+        self.commit_txn(t)
     }
 }
 

@@ -294,7 +294,12 @@ impl Meta {
             _ => (self.alloc_clusters(n)?, false),
         };
         let fresh = head == OldData::Zero && tail == OldData::Zero && host >= self.file_len;
-        self.preallocate_ahead(host + n * cs)?;
+        if let Err(e) = self.preallocate_ahead(host + n * cs) {
+            if !reused {
+                self.release_unreferenced(host, n);
+            }
+            return Err(e);
+        }
         Ok(Allocation {
             guest,
             len,
@@ -314,19 +319,31 @@ impl Meta {
     /// file need no block allocation and do not move the end of the file, so file
     /// systems let them run in parallel (ext4 and XFS serialise O_DIRECT writes that
     /// extend a file); new clusters past the written end still read as zeros.
+    ///
+    /// The look-ahead is best effort: when the file system cannot give it, only what
+    /// the write needs is reserved, so `ENOSPC` means the disk really is full.
     fn preallocate_ahead(&mut self, end: u64) -> Result<()> {
         if end <= self.preallocated_end {
             return Ok(());
         }
         let from = self.preallocated_end.max(self.file_len);
+        if end <= from {
+            return Ok(());
+        }
         // Small images get no more than their own size ahead.
         let step = PREALLOCATE_STEP.min(self.header.size.next_multiple_of(self.cluster_size));
-        let to = end.max(from) + step;
-        self.storage
-            .preallocate(from, to - from)
-            .map_err(Meta::io_err(format!(
-                "preallocating host space at {from:#x}"
-            )))?;
+        let ahead = end + step;
+        let to = match self.storage.preallocate(from, ahead - from) {
+            Ok(()) => ahead,
+            Err(_) => {
+                self.storage
+                    .preallocate(from, end - from)
+                    .map_err(Meta::io_err(format!(
+                        "reserving host space for new clusters at {from:#x}"
+                    )))?;
+                end
+            }
+        };
         self.preallocated_end = to;
         Ok(())
     }
@@ -396,11 +413,25 @@ impl Meta {
         self.file_len = self.file_len.max(a.host + a.n * cs);
         if let Err(e) = filled {
             if !a.reused {
-                self.update_refcounts(a.host, a.n, false)?;
+                self.release_unreferenced(a.host, a.n);
             }
             return Err(e);
         }
-        let table = self.writable_l2_table(self.indexes(start).0)?;
+        // The table was made writable by `reserve`, and nothing else switches it while
+        // clusters under it are in flight; loading it (it may have been evicted) is the
+        // last thing that can fail.
+        let table = self
+            .writable_l2_table(self.indexes(start).0)
+            .and_then(|t| self.load_l2_table(t).map(|()| t));
+        let table = match table {
+            Ok(t) => t,
+            Err(e) => {
+                if !a.reused {
+                    self.release_unreferenced(a.host, a.n);
+                }
+                return Err(e);
+            }
+        };
         for (i, old) in a.olds.iter().enumerate() {
             let guest = start + i as u64 * cs;
             let now = self.mapping(guest)?;

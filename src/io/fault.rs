@@ -1,6 +1,8 @@
 //! A [`Storage`] wrapper that counts and logs requests and injects failures, for tests:
-//! "fail every write from the N-th on" simulates a crash at any point, and a delay on
-//! every request makes a slow disk, widening the windows concurrency bugs hide in.
+//! "fail every write from the N-th on" simulates a crash at any point, "fail the N-th
+//! write" (or a pseudo-random share of them) a transient error the caller recovers
+//! from, "fail the next flush" a lost writeback, and a delay on every request makes a
+//! slow disk, widening the windows concurrency bugs hide in.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +52,17 @@ pub struct FaultStorage {
     writes_seen: AtomicU64,
     fail_writes_from: AtomicU64,
     fail_flushes: AtomicBool,
+    /// The one write (by count) that fails on its own, `u64::MAX` for none.
+    fail_write_at: AtomicU64,
+    /// Fail writes whose count hashes below this share of `u64::MAX` (0 = none).
+    fail_share: AtomicU64,
+    fail_seed: AtomicU64,
+    /// Fail the next flush only.
+    fail_next_flush: AtomicBool,
+    /// The errno injected write failures carry.
+    errno: std::sync::atomic::AtomicI32,
+    /// Injected failures so far.
+    failures: AtomicU64,
     /// Microseconds every read / write sleeps before reaching the inner storage.
     read_delay_us: AtomicU64,
     write_delay_us: AtomicU64,
@@ -64,6 +77,12 @@ impl FaultStorage {
             writes_seen: AtomicU64::new(0),
             fail_writes_from: AtomicU64::new(u64::MAX),
             fail_flushes: AtomicBool::new(false),
+            fail_write_at: AtomicU64::new(u64::MAX),
+            fail_share: AtomicU64::new(0),
+            fail_seed: AtomicU64::new(0),
+            fail_next_flush: AtomicBool::new(false),
+            errno: std::sync::atomic::AtomicI32::new(libc::EIO),
+            failures: AtomicU64::new(0),
             read_delay_us: AtomicU64::new(0),
             write_delay_us: AtomicU64::new(0),
         }
@@ -92,10 +111,44 @@ impl FaultStorage {
         self.fail_writes_from.store(seen + n, Ordering::SeqCst);
     }
 
+    /// Makes the `n`-th write from now (0 = the next one) fail, and only that one: a
+    /// transient error (set its errno with [`FaultStorage::set_errno`]).
+    pub fn fail_one_write(&self, n: u64) {
+        let seen = self.writes_seen.load(Ordering::SeqCst);
+        self.fail_write_at.store(seen + n, Ordering::SeqCst);
+    }
+
+    /// Makes about one write in `one_in` fail (chosen by a hash of its count and
+    /// `seed`, so a run can be replayed); 0 turns it off.
+    pub fn fail_writes_randomly(&self, one_in: u64, seed: u64) {
+        self.fail_seed.store(seed, Ordering::SeqCst);
+        let share = u64::MAX.checked_div(one_in).unwrap_or(0);
+        self.fail_share.store(share, Ordering::SeqCst);
+    }
+
+    /// Makes the next flush fail, as a failed writeback does; later flushes reach the
+    /// inner storage again (and succeed, as Linux's do after a lost writeback).
+    pub fn fail_next_flush(&self) {
+        self.fail_next_flush.store(true, Ordering::SeqCst);
+    }
+
+    /// The errno of injected write failures (EIO by default; ENOSPC for a full disk).
+    pub fn set_errno(&self, errno: i32) {
+        self.errno.store(errno, Ordering::SeqCst);
+    }
+
+    /// How many failures were injected so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
     /// Disarms all faults.
     pub fn heal(&self) {
         self.fail_writes_from.store(u64::MAX, Ordering::SeqCst);
         self.fail_flushes.store(false, Ordering::SeqCst);
+        self.fail_write_at.store(u64::MAX, Ordering::SeqCst);
+        self.fail_share.store(0, Ordering::SeqCst);
+        self.fail_next_flush.store(false, Ordering::SeqCst);
     }
 
     /// Writes attempted so far (including failed ones).
@@ -130,7 +183,21 @@ impl FaultStorage {
         let n = self.writes_seen.fetch_add(1, Ordering::SeqCst);
         if n >= self.fail_writes_from.load(Ordering::SeqCst) {
             self.fail_flushes.store(true, Ordering::SeqCst);
+            self.failures.fetch_add(1, Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let share = self.fail_share.load(Ordering::SeqCst);
+        let random = share > 0 && {
+            let mut x = n ^ self.fail_seed.load(Ordering::SeqCst);
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (x ^ (x >> 31)) < share
+        };
+        if random || n == self.fail_write_at.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(
+                self.errno.load(Ordering::SeqCst),
+            ));
         }
         Ok(())
     }
@@ -162,7 +229,9 @@ impl Storage for FaultStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.fail_flushes.load(Ordering::SeqCst) {
+        if self.fail_flushes.load(Ordering::SeqCst)
+            || self.fail_next_flush.swap(false, Ordering::SeqCst)
+        {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.record(IoEvent::Flush);

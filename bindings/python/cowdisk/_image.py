@@ -67,7 +67,8 @@ class ImageInfo:
         compression_type: ``"zlib"`` or ``"zstd"``.
         nb_snapshots: number of internal snapshots.
         backing_depth: number of opened backing images below this one.
-        host_size: size of the image file on the host in bytes.
+        host_size: bytes of the image file in use (end of the last cluster allocated;
+            the file may be longer while space is preallocated ahead).
         backing_file: backing file name stored in the image, or ``None``.
         backing_format: backing format stored in the image, or ``None``.
     """
