@@ -582,8 +582,8 @@ fn crash_while_threads_write() {
 
 /// Every kind of operation at once on one handle over a snapshot-shared disk: 4 KiB
 /// writers, zeroers of single sectors and of cluster runs (with and without unmap),
-/// a discarder, a compressed writer, readers, and a thread saving VM state and taking
-/// and deleting snapshots. No call may fail because of another thread's work (the
+/// a discarder, a compressed writer, readers, a thread growing the disk, and one
+/// saving VM state and taking and deleting snapshots. No call may fail because of another thread's work (the
 /// only refusal allowed is a compressed write meeting an allocated cluster), no read
 /// may see another sector's bytes, and the image ends `qemu-img check`-clean with each
 /// sector holding zeros, a compressed stamp or its last written stamp.
@@ -689,6 +689,17 @@ fn every_operation_at_once(s: &Scratch, cs: u32, seed: u64) {
             assert!(n > 0, "no snapshot was taken");
         }));
     }
+    {
+        // The disk grows under everyone's feet (images with snapshots cannot shrink).
+        let img = img.clone();
+        let stop = stop.clone();
+        others.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && img.size() < DISK + (4 << 20) {
+                img.resize(img.size() + 65536, false).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }));
+    }
     let readers: Vec<_> = (0..2u64)
         .map(|r| {
             let img = img.clone();
@@ -727,6 +738,7 @@ fn every_operation_at_once(s: &Scratch, cs: u32, seed: u64) {
         r.join().unwrap();
     }
     let all = read_all(&img);
+    assert!(all[DISK as usize..].iter().all(|&b| b == 0), "the grown part");
     for index in 0..sectors {
         let got = seen(index, sector_of(&all, index), false);
         let want = last[index as usize];
