@@ -6,6 +6,7 @@
 #   make deps       install missing tools (Go, pytest, valgrind, qemu-img) on Debian
 #   make bench      cowdisk vs qemu-img on the same workloads → BENCHMARKS.md
 #   make stress     the concurrency races, STRESS_ROUNDS rounds each (default 100)
+#   make fuzz       the cargo-fuzz targets of fuzz/ for FUZZ_SECONDS (default 60)
 #   make clean      remove build products
 #
 # `make test TEST_STAGES="c go"` runs only some stages.
@@ -34,13 +35,13 @@ VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kind
 # Run each stage even when an earlier one failed; `make test` fails if any did.
 TEST_STAGES ?= fmt clippy header rust c python go
 
-.PHONY: bench stress all build header deps test test-fmt test-clippy test-header test-rust test-c \
+.PHONY: bench stress fuzz all build header deps test test-fmt test-clippy test-header test-rust test-c \
         test-python test-go demo clean help
 
 all: header
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 ## ---- build ------------------------------------------------------------------
 
@@ -150,6 +151,13 @@ demo: deps build
 
 bench: deps build
 	scripts/bench.sh
+
+## ---- fuzz -------------------------------------------------------------------
+
+FUZZ_SECONDS ?= 60
+
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 ## ---- clean ------------------------------------------------------------------
 

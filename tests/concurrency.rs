@@ -738,7 +738,10 @@ fn every_operation_at_once(s: &Scratch, cs: u32, seed: u64) {
         r.join().unwrap();
     }
     let all = read_all(&img);
-    assert!(all[DISK as usize..].iter().all(|&b| b == 0), "the grown part");
+    assert!(
+        all[DISK as usize..].iter().all(|&b| b == 0),
+        "the grown part"
+    );
     for index in 0..sectors {
         let got = seen(index, sector_of(&all, index), false);
         let want = last[index as usize];

@@ -167,14 +167,23 @@ fn l2_table_and_data_outside_the_file() {
             .contains("data cluster at 0x99900000 lies outside the file"),
         "{e}"
     );
-    // Reserved bits in an L2 entry are corruption, named with the entry.
+    // Found by a read-write handle, the inconsistency marks the image corrupt (as
+    // QEMU does): writes are refused and the next read-write open too.
+    assert!(img.write_at(&[0u8; 512], 0).is_err());
+    assert!(img.info().corrupt, "the corrupt bit");
     drop(img);
+    assert!(Image::open(&p, &OpenOptions::default()).is_err());
+    // Reserved bits in an L2 entry are corruption, named with the entry.
     patch(
         &p,
         l2 + index * 8,
         &(0x8000_0000_0005_0002u64).to_be_bytes(),
     );
-    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let ro = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let img = Image::open(&p, &ro).unwrap();
     let e = img.read_at(&mut buf, 1 << 20).unwrap_err();
     assert!(e.to_string().contains("reserved bits"), "{e}");
 }

@@ -2,6 +2,7 @@
 //! (COPIED) L2 table — allocating a new one or copying one shared with a snapshot.
 
 use super::meta::Meta;
+use super::overlap::Kind;
 use crate::error::Result;
 use crate::format::entry::{self, Mapping, COPIED};
 
@@ -64,7 +65,19 @@ impl Meta {
     /// What the active tables say about the cluster containing `guest`.
     pub(crate) fn mapping(&mut self, guest: u64) -> Result<Mapping> {
         let e = self.l2_entry(guest)?;
-        entry::classify_l2(e, self.cluster_bits)
+        self.classify(e)
+    }
+
+    /// Decodes an L2 entry of this image: v2 images have no zero flag, so an entry
+    /// with it is corruption there (as QEMU reads it), not zeros.
+    pub(crate) fn classify(&self, e: u64) -> Result<Mapping> {
+        let m = entry::classify_l2(e, self.cluster_bits)?;
+        if self.header.version < 3 && matches!(m, Mapping::Zero { .. }) {
+            return Err(crate::corrupt!(
+                "zero cluster entry {e:#x} found in a version 2 image"
+            ));
+        }
+        Ok(m)
     }
 
     /// Sets the L2 entry mapping `guest`; its table must be writable (see
@@ -107,6 +120,11 @@ impl Meta {
         if let Err(e) = self.write_l1_entry(l1_index, old_entry) {
             self.release_unreferenced(new, 1);
             return Err(e);
+        }
+        let cb = self.cluster_bits;
+        self.overlaps.add(new >> cb, 1, Kind::ActiveL2);
+        if old != 0 {
+            self.overlaps.remove(old >> cb, 1, Kind::ActiveL2);
         }
         // The table is on disk: if the cache cannot take it now, it loads when needed.
         if self.l2_cache.victim().is_none() || self.make_l2_room().is_ok() {

@@ -531,6 +531,8 @@ impl Meta {
                 run_end += 1;
             }
             let at = keys[run_start];
+            let run_bytes = (run_end - run_start) as u64 * cs;
+            self.check_overlap(at, run_bytes, crate::image::overlap::NONE)?;
             let cache = self.compress.cache.as_ref().expect("cache on");
             let pieces: Vec<&[u8]> = keys[run_start..run_end]
                 .iter()

@@ -157,7 +157,9 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut meta = self.lock()?;
         Image::check_range(&meta, buf.len(), offset, "read")?;
-        let tasks = meta.plan_read(buf, offset)?;
+        let tasks = meta
+            .plan_read(buf, offset)
+            .map_err(|e| meta.judge("a read", e))?;
         if tasks.is_empty() {
             return Ok(());
         }

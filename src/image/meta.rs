@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use super::backing::Backing;
 use super::cache::TableCache;
 use super::inflight::{DataIo, InFlight};
+use super::overlap::Kind;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::header::Header;
@@ -75,6 +76,8 @@ pub(crate) struct Meta {
     pub gate: Arc<RwLock<()>>,
     /// Guest clusters being allocated by writes running without the lock.
     pub inflight: InFlight,
+    /// Where live metadata lies, checked before every host write (`overlap.rs`).
+    pub overlaps: super::overlap::MetadataIndex,
 }
 
 impl Meta {
@@ -84,13 +87,13 @@ impl Meta {
         move |e| Error::io(what, e)
     }
 
-    /// Marks the handle broken when `e` means the metadata in memory is in doubt
-    /// (corruption found midway), then hands the error back. Host I/O errors and lack
+    /// Marks the image corrupt when `e` means its metadata is inconsistent (see
+    /// `overlap.rs`), then hands the error back. Host I/O errors and lack
     /// of space leave the metadata consistent (every path rolls back or keeps dirty
     /// tables for the next flush), so they do not break the handle.
     pub fn judge(&mut self, what: &str, e: Error) -> Error {
-        if matches!(e, Error::Corrupt(_)) && self.broken.is_none() {
-            self.broken = Some(format!("{what} failed: {e}"));
+        if let Error::Corrupt(msg) = &e {
+            self.mark_corrupt(&format!("{what} failed: {msg}"));
         }
         e
     }
@@ -158,8 +161,22 @@ impl Meta {
         Ok(buf)
     }
 
-    /// Writes bytes to the host, extending `host_end` as needed.
+    /// Writes bytes to the host, extending `host_end` as needed. The range must not
+    /// overlap live metadata (see `overlap.rs`).
     pub fn write_host(&mut self, what: &str, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_host_as(super::overlap::NONE, what, buf, offset)
+    }
+
+    /// [`Meta::write_host`] for a write that rewrites metadata of the `allowed` kinds
+    /// in place.
+    pub fn write_host_as(
+        &mut self,
+        allowed: super::overlap::Allowed,
+        what: &str,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        self.check_overlap(offset, buf.len() as u64, allowed)?;
         self.storage
             .write_at(buf, offset)
             .map_err(Meta::io_err(format!("writing {what} at {offset:#x}")))?;
@@ -190,8 +207,15 @@ impl Meta {
     /// write fails, the bytes are read back to learn whether the switch happened:
     /// `Ok` when it did, the write's error when the old bytes are still there, and the
     /// handle breaks when neither can be told.
-    pub fn write_pointer(&mut self, what: &str, offset: u64, new: &[u8], old: &[u8]) -> Result<()> {
-        let Err(e) = self.write_host(what, new, offset) else {
+    pub fn write_pointer(
+        &mut self,
+        allowed: super::overlap::Allowed,
+        what: &str,
+        offset: u64,
+        new: &[u8],
+        old: &[u8],
+    ) -> Result<()> {
+        let Err(e) = self.write_host_as(allowed, what, new, offset) else {
             return Ok(());
         };
         let mut now = vec![0u8; new.len()];
@@ -211,13 +235,13 @@ impl Meta {
     pub fn write_header(&mut self) -> Result<()> {
         let mut buf = self.header.serialize()?;
         buf.resize(self.cluster_size as usize, 0);
-        self.write_host("header", &buf, 0)
+        self.write_host_as(Kind::Header as u16, "header", &buf, 0)
     }
 
     /// Rewrites header fields at `offset` (QEMU's way of switching a table pointer
     /// atomically enough: a write inside one sector); see [`Meta::write_pointer`].
     pub fn write_header_fields(&mut self, offset: u64, bytes: &[u8], old: &[u8]) -> Result<()> {
-        self.write_pointer("header fields", offset, bytes, old)
+        self.write_pointer(Kind::Header as u16, "header fields", offset, bytes, old)
     }
 
     /// Writes one L1 entry in place; `old` is the entry the disk holds. On failure
@@ -225,7 +249,13 @@ impl Meta {
     pub fn write_l1_entry(&mut self, index: usize, old: u64) -> Result<()> {
         let off = self.header.l1_table_offset + index as u64 * 8;
         let bytes = self.l1[index].to_be_bytes();
-        let written = self.write_pointer("L1 entry", off, &bytes, &old.to_be_bytes());
+        let written = self.write_pointer(
+            Kind::ActiveL1 as u16,
+            "L1 entry",
+            off,
+            &bytes,
+            &old.to_be_bytes(),
+        );
         if written.is_err() {
             self.l1[index] = old;
         }
@@ -264,7 +294,7 @@ impl Meta {
             .peek(key)
             .ok_or_else(|| corrupt!("L2 table at {key:#x} vanished from the cache"))?
             .to_vec();
-        self.write_host("L2 table", &data, key)?;
+        self.write_host_as(Kind::ActiveL2 as u16, "L2 table", &data, key)?;
         self.l2_cache.mark_clean(key);
         Ok(())
     }

@@ -12,6 +12,7 @@ mod inflight;
 mod meta;
 mod open;
 mod options;
+pub(crate) mod overlap;
 mod read;
 mod refcount;
 mod repair;

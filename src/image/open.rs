@@ -137,9 +137,11 @@ pub(crate) fn open_meta(
         header,
         gate: Default::default(),
         inflight: Default::default(),
+        overlaps: Default::default(),
     };
 
     meta.snapshots = meta.read_snapshot_table()?;
+    meta.rebuild_metadata_index();
     if !meta.read_only && meta.header.incompatible_features & INCOMPAT_DIRTY != 0 {
         // Lazy refcounts and an unclean close: the refcounts on disk may be stale.
         // Rebuild them before anything is allocated (QEMU repairs on open too).

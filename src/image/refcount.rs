@@ -3,6 +3,7 @@
 //! growth, and frees deferred until no table on disk references the cluster.
 
 use super::meta::Meta;
+use super::overlap::Kind;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::compressed;
@@ -60,7 +61,7 @@ impl Meta {
             .peek(offset)
             .ok_or_else(|| corrupt!("refcount block at {offset:#x} vanished from the cache"))?
             .to_vec();
-        self.write_host("refcount block", &data, offset)?;
+        self.write_host_as(Kind::RefcountBlock as u16, "refcount block", &data, offset)?;
         self.rc.blocks.mark_clean(offset);
         Ok(())
     }
@@ -189,9 +190,12 @@ impl Meta {
             self.compressed_host_cluster_freed(cluster << self.cluster_bits);
             self.rc.free_hint = self.rc.free_hint.min(cluster);
             if self.discard_unmap {
-                // Only saves host space: a cluster that stays allocated is harmless.
+                // Only saves host space: a cluster that stays allocated is harmless
+                // (and live metadata with a zeroed refcount is never punched).
                 let at = cluster << self.cluster_bits;
-                let _ = self.storage.punch_hole(at, self.cluster_size);
+                if self.check_overlap(at, self.cluster_size, 0).is_ok() {
+                    let _ = self.storage.punch_hole(at, self.cluster_size);
+                }
             }
         }
         Ok(())
@@ -221,12 +225,15 @@ impl Meta {
         // Until the entry is written nothing points to the block: a failure leaves
         // the image as it was (the block describes only itself).
         self.write_pointer(
+            Kind::RefcountTable as u16,
             "refcount table entry",
             entry_off,
             &offset.to_be_bytes(),
             &[0; 8],
         )?;
         self.rc.table[index] = offset;
+        self.overlaps
+            .add(offset >> self.cluster_bits, 1, Kind::RefcountBlock);
         // Not cached (the cache had no room)? It is on disk and loads when needed.
         let _ = self.cache_refcount_block(offset, block);
         Ok(offset)
@@ -320,6 +327,14 @@ impl Meta {
         self.header.refcount_table_offset = table_offset;
         self.header.refcount_table_clusters = table_clusters as u32;
         self.rc.table = table;
+        let cb = self.cluster_bits;
+        self.overlaps
+            .remove(old_offset >> cb, old_clusters, Kind::RefcountTable);
+        self.overlaps
+            .add(table_offset >> cb, table_clusters, Kind::RefcountTable);
+        for (_, off, _) in &blocks {
+            self.overlaps.add(off >> cb, 1, Kind::RefcountBlock);
+        }
         for (_, off, data) in blocks {
             // Not cached? The block is on disk and loads when needed.
             let _ = self.cache_refcount_block(off, data);
@@ -428,6 +443,8 @@ impl Meta {
                 }
                 self.place_refcount_blocks(&missing, start + count)?;
             }
+            // Whatever the refcounts say, live metadata is never handed out.
+            self.check_overlap(start << self.cluster_bits, count << self.cluster_bits, 0)?;
             for cluster in start..start + count {
                 let taken = match self.refcount(cluster) {
                     Ok(0) => self.set_refcount(cluster, 1),
@@ -506,6 +523,7 @@ impl Meta {
             let offset = cluster << self.cluster_bits;
             let entry_off = self.header.refcount_table_offset + index as u64 * 8;
             let switched = self.write_pointer(
+                Kind::RefcountTable as u16,
                 "refcount table entry",
                 entry_off,
                 &offset.to_be_bytes(),
@@ -518,6 +536,8 @@ impl Meta {
                 return Err(e);
             }
             self.rc.table[index] = offset;
+            self.overlaps
+                .add(offset >> self.cluster_bits, 1, Kind::RefcountBlock);
             let _ = self.cache_refcount_block(offset, data);
         }
         Ok(())

@@ -52,7 +52,7 @@ impl Meta {
             let data = self.read_table("L2 table", table)?;
             for raw in data.chunks_exact(8) {
                 let e = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
-                match entry::classify_l2(e, self.cluster_bits)? {
+                match self.classify(e)? {
                     Mapping::Normal { host, .. }
                     | Mapping::Zero {
                         host: Some(host), ..
@@ -182,6 +182,7 @@ impl Meta {
         self.rc.blocks = super::cache::TableCache::new(super::open::REFCOUNT_CACHE_BLOCKS);
         self.rc.free_hint = 0;
         self.rc.pending_frees.clear();
+        self.rebuild_metadata_index();
         Ok(())
     }
 }

@@ -91,6 +91,11 @@ impl Meta {
                 let old = self.l1[index];
                 self.l1[index] = 0;
                 self.write_l1_entry(index, old)?;
+                self.overlaps.remove(
+                    table >> self.cluster_bits,
+                    1,
+                    super::overlap::Kind::ActiveL2,
+                );
                 self.sync()?;
                 self.l2_cache.remove(table);
                 self.free_later(table, 1);
@@ -144,6 +149,14 @@ impl Meta {
         self.header.l1_size = entries as u32;
         self.header.l1_table_offset = offset;
         self.l1 = table;
+        let cb = self.cluster_bits;
+        self.overlaps.remove(
+            old_offset >> cb,
+            old_clusters,
+            super::overlap::Kind::ActiveL1,
+        );
+        self.overlaps
+            .add(offset >> cb, clusters, super::overlap::Kind::ActiveL1);
         self.sync()?;
         if old_clusters > 0 {
             self.release_unreferenced(old_offset, old_clusters);

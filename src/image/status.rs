@@ -62,10 +62,11 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, e: Extent) {
 impl Meta {
     /// QEMU's heuristic for metadata preallocation: noticeably more clusters are in
     /// use than the file physically occupies. Only then do data clusters' holes in the
-    /// host file count as zeros (for which QEMU asks the file system).
-    fn looks_preallocated(&mut self) -> Result<bool> {
+    /// host file count as zeros (for which QEMU asks the file system). Damaged
+    /// refcounts make the answer "no" rather than an error: mapping must work on them.
+    fn looks_preallocated(&mut self) -> bool {
         if let Some(known) = self.preallocated {
-            return Ok(known);
+            return known;
         }
         let real = self.storage.allocated_size().unwrap_or(None);
         let answer = match real {
@@ -77,8 +78,10 @@ impl Meta {
                 let mut in_use = 0;
                 let mut cluster = 0;
                 while cluster < end && in_use < threshold {
-                    if self.refcount(cluster)? != 0 {
-                        in_use += 1;
+                    match self.refcount(cluster) {
+                        Ok(0) => {}
+                        Ok(_) => in_use += 1,
+                        Err(_) => break,
                     }
                     cluster += 1;
                 }
@@ -86,7 +89,18 @@ impl Meta {
             }
         };
         self.preallocated = Some(answer);
-        Ok(answer)
+        answer
+    }
+
+    /// Where the run of L1 entries without an L2 table that holds guest `pos` ends
+    /// (the guest offset of the next L2 table's span, or `u64::MAX`).
+    fn unmapped_until(&self, pos: u64) -> u64 {
+        let span_bits = self.cluster_bits + self.l2_bits;
+        let first = (pos >> span_bits) as usize;
+        match self.l1.iter().skip(first).position(|&e| e != 0) {
+            Some(k) => ((first + k) as u64) << span_bits,
+            None => u64::MAX,
+        }
     }
 
     /// Appends the status of guest `[offset, offset+len)` (within this layer's size) at
@@ -104,10 +118,16 @@ impl Meta {
         let mut pos = offset;
         // The last data-or-hole run the host file reported: (start, end, is data).
         let mut hole_cache: Option<(u64, u64, bool)> = None;
-        let ask_host = self.looks_preallocated()?;
+        let ask_host = self.looks_preallocated();
         while pos < end && out.len() <= limit {
             let within = pos & (cs - 1);
-            let n = (cs - within).min(end - pos);
+            let mut n = (cs - within).min(end - pos);
+            let unmapped = self.l2_offset(self.indexes(pos).0)? == 0;
+            if unmapped {
+                // No L2 table: the whole run of empty L1 entries in one step, so the
+                // time follows what is mapped, not the virtual size.
+                n = self.unmapped_until(pos).min(end) - pos;
+            }
             let base = Extent {
                 start: pos,
                 length: n,

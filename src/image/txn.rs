@@ -28,7 +28,7 @@ use super::meta::Meta;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::compressed;
-use crate::format::entry::{self, Mapping, COPIED};
+use crate::format::entry::{Mapping, COPIED};
 use crate::format::header::MAX_REFTABLE_BYTES;
 use crate::format::refcount::{self, max_value};
 use crate::format::snapshot::{self as codec, SnapshotEntry, SnapshotTable};
@@ -208,6 +208,7 @@ impl Meta {
         if end > 1u64 << 56 {
             return Err(Error::NoSpace("host offsets would exceed 2^56".into()));
         }
+        self.check_overlap(start << self.cluster_bits, count << self.cluster_bits, 0)?;
         for c in start..start + count {
             self.txn_set(t, c, 1)?;
         }
@@ -249,7 +250,7 @@ impl Meta {
         let file_clusters = self.host_end.div_ceil(self.cluster_size);
         let mut refs = Vec::new();
         for &e in &entries {
-            match entry::classify_l2(e, self.cluster_bits)? {
+            match self.classify(e)? {
                 Mapping::Normal { host, .. }
                 | Mapping::Zero {
                     host: Some(host), ..
@@ -304,7 +305,7 @@ impl Meta {
         let mut fixed = Vec::with_capacity(entries.len());
         let mut changed = false;
         for e in entries {
-            let host = match entry::classify_l2(e, self.cluster_bits)? {
+            let host = match self.classify(e)? {
                 Mapping::Normal { host, .. }
                 | Mapping::Zero {
                     host: Some(host), ..
@@ -470,12 +471,13 @@ impl Meta {
         if !freed.is_empty() {
             self.drain_data_io();
         }
+        self.rebuild_metadata_index();
         for &cluster in &freed {
             let at = cluster << self.cluster_bits;
             self.l2_cache.remove(at);
             self.compressed_host_cluster_freed(at);
             self.rc.free_hint = self.rc.free_hint.min(cluster);
-            if self.discard_unmap {
+            if self.discard_unmap && self.check_overlap(at, cs, 0).is_ok() {
                 let _ = self.storage.punch_hole(at, cs);
             }
         }

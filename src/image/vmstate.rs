@@ -130,6 +130,10 @@ impl Meta {
             self.writable_l2_table(l1_index)?;
         }
         let host = self.alloc_clusters(clusters)?;
+        if let Err(e) = self.check_overlap(host, clusters * cs, crate::image::overlap::NONE) {
+            self.release_unreferenced(host, clusters);
+            return Err(e);
+        }
         let runs = vec![(host, clusters)];
         Ok(Plan::Fresh { runs, guest })
     }

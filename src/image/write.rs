@@ -240,6 +240,7 @@ impl Meta {
                     _ => break,
                 }
             }
+            self.check_overlap(start, len as u64, crate::image::overlap::NONE)?;
             // Bytes written past the recorded end of the file are no longer zeros.
             self.file_len = self.file_len.max(start + len as u64);
             return Ok(WriteStep::InPlace { host: start, len });
@@ -294,7 +295,11 @@ impl Meta {
             _ => (self.alloc_clusters(n)?, false),
         };
         let fresh = head == OldData::Zero && tail == OldData::Zero && host >= self.file_len;
-        if let Err(e) = self.preallocate_ahead(host + n * cs) {
+        // A preallocated zero cluster is reused in place: it must not be metadata.
+        if let Err(e) = self
+            .check_overlap(host, n * cs, crate::image::overlap::NONE)
+            .and_then(|()| self.preallocate_ahead(host + n * cs))
+        {
             if !reused {
                 self.release_unreferenced(host, n);
             }
