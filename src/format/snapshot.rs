@@ -71,6 +71,9 @@ pub struct TableContext {
     pub file_size: u64,
     /// Virtual size of the image, used for entries without a disk_size field.
     pub disk_size: u64,
+    /// Accept entries whose L1 table is misplaced (to check and repair the image:
+    /// the check reports them); the table's own structure is still validated.
+    pub lenient: bool,
 }
 
 /// Result of [`parse_table`] on a buffer that may not yet hold the whole table.
@@ -159,7 +162,9 @@ pub fn parse_table(buf: &[u8], count: u32, ctx: &TableContext) -> Result<Parsed>
         if extra.len() > KNOWN_EXTRA_LEN {
             e.unknown_extra = extra[KNOWN_EXTRA_LEN..].to_vec();
         }
-        validate_entry(&e, i, ctx)?;
+        if !ctx.lenient {
+            validate_entry(&e, i, ctx)?;
+        }
         entries.push(e);
         pos = end;
     }
@@ -302,6 +307,7 @@ mod tests {
 
     fn ctx() -> TableContext {
         TableContext {
+            lenient: false,
             cluster_bits: 16,
             file_size: 1 << 30,
             disk_size: 1 << 26,

@@ -78,6 +78,9 @@ pub(crate) struct Meta {
     pub inflight: InFlight,
     /// Where live metadata lies, checked before every host write (`overlap.rs`).
     pub overlaps: super::overlap::MetadataIndex,
+    /// Opened to check and repair (`OpenOptions::check`): misplaced snapshot L1
+    /// tables are accepted for the check to report.
+    pub check_mode: bool,
 }
 
 impl Meta {

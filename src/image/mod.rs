@@ -5,6 +5,7 @@
 
 mod backing;
 mod cache;
+mod check;
 mod cluster;
 mod compress;
 mod create;
@@ -24,6 +25,7 @@ mod vmstate;
 mod write;
 mod zero;
 
+pub use check::{CheckReport, Progress, Repair};
 pub use compress::DEFAULT_COMPRESSED_CACHE_SIZE;
 pub use options::*;
 pub use snapshot::{SnapshotInfo, SnapshotOptions, MAX_SNAPSHOT_NAME};

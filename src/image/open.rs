@@ -55,7 +55,8 @@ pub(crate) fn open_meta(
     let header_bytes = read_exact(&*storage, file_size.min(cluster_size), 0, "header")?;
     let header = Header::parse(&header_bytes, file_size)?;
 
-    if !opts.read_only && header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+    let marked_corrupt = header.incompatible_features & INCOMPAT_CORRUPT != 0;
+    if !opts.read_only && marked_corrupt && !opts.check {
         return Err(corrupt!(
             "the image is marked corrupt; it can only be opened read-only"
         ));
@@ -138,11 +139,16 @@ pub(crate) fn open_meta(
         gate: Default::default(),
         inflight: Default::default(),
         overlaps: Default::default(),
+        check_mode: opts.check,
     };
 
     meta.snapshots = meta.read_snapshot_table()?;
     meta.rebuild_metadata_index();
-    if !meta.read_only && meta.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+    if marked_corrupt && !meta.read_only {
+        meta.broken =
+            Some("the image is marked corrupt; repair it with `check -r all` first".into());
+    }
+    if !meta.read_only && !opts.check && meta.header.incompatible_features & INCOMPAT_DIRTY != 0 {
         // Lazy refcounts and an unclean close: the refcounts on disk may be stale.
         // Rebuild them before anything is allocated (QEMU repairs on open too).
         meta.rebuild_refcounts()?;

@@ -89,6 +89,11 @@ pub struct OpenOptions {
     /// and cowdisk never write an image another process uses. Turn off only when the
     /// caller coordinates access itself (QEMU's `locking=off`).
     pub locking: bool,
+    /// Open to check and repair ([`crate::Image::check`]), as `qemu-img check` does:
+    /// an image marked corrupt opens read-write (its writes are refused until a
+    /// repair leaves nothing to fix), and a dirty lazy-refcounts image is not
+    /// rebuilt on open (the check reports and repairs it).
+    pub check: bool,
 }
 
 impl Default for OpenOptions {
@@ -103,6 +108,7 @@ impl Default for OpenOptions {
             compressed_cache_size: super::compress::DEFAULT_COMPRESSED_CACHE_SIZE,
             force_share: false,
             locking: true,
+            check: false,
         }
     }
 }

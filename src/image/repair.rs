@@ -126,6 +126,19 @@ impl Meta {
             }
         }
 
+        self.rebuild_refcounts_from(counts.per_cluster)
+    }
+
+    /// Writes a fresh refcount structure holding `per_cluster[i]` for cluster `i`
+    /// after the end of the file (sized to describe itself too), switches the header
+    /// to it (clearing the dirty bit) and drops the old one from memory: nothing
+    /// references the old table and blocks any more, so they read as free.
+    pub(crate) fn rebuild_refcounts_from(&mut self, per_cluster: Vec<u64>) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut counts = Counts {
+            per_cluster,
+            cluster_bits: self.cluster_bits,
+        };
         // Lay out the new structure after everything: table, then blocks, sized to
         // describe themselves too (iterate to a fixed point).
         let start = counts.per_cluster.len() as u64;

@@ -111,6 +111,7 @@ impl Meta {
         }
         let offset = self.header.snapshots_offset;
         let ctx = TableContext {
+            lenient: self.check_mode,
             cluster_bits: self.cluster_bits,
             file_size: self.host_end,
             disk_size: self.header.size,

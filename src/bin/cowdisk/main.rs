@@ -8,6 +8,8 @@
 mod bench;
 /// `cowdisk map`, `zero`, `discard` and `resize`.
 mod blocks;
+/// `cowdisk check`.
+mod check;
 /// `cowdisk create`.
 mod create;
 /// `cowdisk info`.
@@ -59,6 +61,9 @@ enum Command {
     BenchVmstate(bench::BenchVmstateArgs),
     /// List, create, apply or delete internal snapshots (like `qemu-img snapshot`).
     Snapshot(snapshot::SnapshotArgs),
+    /// Check an image's metadata and repair it (like `qemu-img check`; exit 0 clean,
+    /// 1 check not completed, 2 corruptions, 3 leaks only).
+    Check(check::CheckArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -168,6 +173,10 @@ fn main() -> ExitCode {
         Command::BenchCompress(args) => bench::run_compress(args),
         Command::BenchVmstate(args) => bench::run_vmstate(args),
         Command::Snapshot(args) => snapshot::run(args),
+        Command::Check(args) => match check::run(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
