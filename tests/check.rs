@@ -161,7 +161,7 @@ fn l2_entry_without_copied() {
 fn cluster_referenced_twice() {
     // Guest cluster 1 maps to the host cluster of guest cluster 0 too.
     compare_case("double", &|p| {
-        poke(p, L2 + 8, &u64be((1 << 63) | 5 * CLUSTER));
+        poke(p, L2 + 8, &u64be((1 << 63) | (5 * CLUSTER)));
     });
 }
 
@@ -175,14 +175,14 @@ fn data_cluster_past_the_end_of_the_file() {
 #[test]
 fn unaligned_data_cluster() {
     compare_case("unaligned-data", &|p| {
-        poke(p, L2, &u64be((1 << 63) | 5 * CLUSTER + 0x2a00));
+        poke(p, L2, &u64be((1 << 63) | (5 * CLUSTER + 0x2a00)));
     });
 }
 
 #[test]
 fn unaligned_preallocated_zero_cluster() {
     compare_case("unaligned-zero", &|p| {
-        poke(p, L2, &u64be((1 << 63) | 5 * CLUSTER + 0x2a00 | 1));
+        poke(p, L2, &u64be((1 << 63) | (5 * CLUSTER + 0x2a00) | 1));
     });
 }
 

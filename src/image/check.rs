@@ -167,7 +167,7 @@ impl Meta {
                 continue;
             }
             w.counts.add(r, l2, cs);
-            if l2 % cs != 0 {
+            if !l2.is_multiple_of(cs) {
                 r.error(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -226,7 +226,7 @@ impl Meta {
             if offset == 0 {
                 continue; // unallocated or a plain zero cluster
             }
-            if offset % cs != 0 {
+            if !offset.is_multiple_of(cs) {
                 if e & ZERO != 0 {
                     if fix_errors {
                         let at = l2 + i as u64 * 8;
@@ -485,7 +485,7 @@ impl Meta {
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2 = e & OFFSET_MASK;
-            if l2 == 0 || e & L1_RESERVED != 0 || l2 % cs != 0 {
+            if l2 == 0 || e & L1_RESERVED != 0 || !l2.is_multiple_of(cs) {
                 continue;
             }
             let Ok(rc) = self.refcount(l2 >> self.cluster_bits) else {
@@ -517,7 +517,11 @@ impl Meta {
             for (j, raw) in table.chunks_exact(8).enumerate() {
                 let le = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
                 let host = le & OFFSET_MASK;
-                if le & COMPRESSED != 0 || host == 0 || host % cs != 0 || le & L2_RESERVED != 0 {
+                if le & COMPRESSED != 0
+                    || host == 0
+                    || !host.is_multiple_of(cs)
+                    || le & L2_RESERVED != 0
+                {
                     continue;
                 }
                 let Ok(rc) = self.refcount(host >> self.cluster_bits) else {
