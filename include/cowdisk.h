@@ -68,6 +68,13 @@
 #define COWDISK_OPEN_NO_LOCK 64
 
 /**
+ * Open to check and repair (`cowdisk_check()`), as `qemu-img check` opens: an image
+ * marked corrupt opens read-write (writes other than repairs fail until a repair
+ * leaves nothing to fix), and a dirty lazy-refcounts image is not rebuilt on open.
+ */
+#define COWDISK_OPEN_CHECK 128
+
+/**
  * Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
@@ -127,6 +134,16 @@
  * `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
  */
 #define COWDISK_EXTENT_OFFSET_VALID 16
+
+/**
+ * Repair leaked clusters (`cowdisk_check` flags; `qemu-img check -r leaks`).
+ */
+#define COWDISK_CHECK_REPAIR_LEAKS 1
+
+/**
+ * Repair everything repairable, leaks included (`qemu-img check -r all`).
+ */
+#define COWDISK_CHECK_REPAIR_ALL 2
 
 /**
  * An open qcow2 image. Opaque; created by `cowdisk_open()`, freed by `cowdisk_close()`.
@@ -290,6 +307,60 @@ typedef struct cowdisk_extent {
    */
   uint32_t depth;
 } cowdisk_extent;
+
+/**
+ * What `cowdisk_check()` found, with `qemu-img check`'s meaning of each count.
+ */
+typedef struct cowdisk_check_result {
+  /**
+   * Set by the caller to `sizeof(cowdisk_check_result)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Reserved, 0.
+   */
+  uint32_t reserved;
+  /**
+   * Inconsistencies left that may corrupt data.
+   */
+  uint64_t corruptions;
+  /**
+   * Clusters whose refcount is higher than their references.
+   */
+  uint64_t leaks;
+  /**
+   * Failures that kept parts of the image from being checked.
+   */
+  uint64_t check_errors;
+  /**
+   * Corruptions this call repaired.
+   */
+  uint64_t corruptions_fixed;
+  /**
+   * Leaks this call repaired.
+   */
+  uint64_t leaks_fixed;
+  /**
+   * End of the last cluster in use.
+   */
+  uint64_t image_end_offset;
+  /**
+   * Guest clusters of the virtual disk.
+   */
+  uint64_t total_clusters;
+  /**
+   * Guest clusters allocated in the active image.
+   */
+  uint64_t allocated_clusters;
+  /**
+   * Allocated clusters not right after the previous one on the host.
+   */
+  uint64_t fragmented_clusters;
+  /**
+   * Compressed clusters in the active image.
+   */
+  uint64_t compressed_clusters;
+} cowdisk_check_result;
 
 /**
  * Options for [`cowdisk_snapshot_create`]. A zero-filled struct records a disk-only
@@ -546,6 +617,26 @@ int cowdisk_block_status(struct cowdisk *img,
                          struct cowdisk_extent *extents,
                          size_t max_extents,
                          size_t *count);
+
+/**
+ * Checks the image's metadata as `qemu-img check` does and, with
+ * `COWDISK_CHECK_REPAIR_LEAKS` or `COWDISK_CHECK_REPAIR_ALL` in `flags`, repairs it
+ * (the handle must be read-write; open an image marked corrupt with
+ * `COWDISK_OPEN_CHECK`). As with `qemu-img check -r`, call again without flags to
+ * see what a repair left. A successful repair of an image marked corrupt makes it
+ * writable again.
+ *
+ * `out->struct_size` must be set; `*out` is written only on success. Returns 0 when
+ * the check completed (whatever it found: read the counts), `-EROFS` for a repair on
+ * a read-only handle, `-EIO` when the check could not complete (for example a
+ * refcount structure that only `COWDISK_CHECK_REPAIR_ALL` can rebuild), `-EINVAL`
+ * for unknown flags. Waits for writes in flight on other threads, then holds the
+ * image for the check.
+ *
+ * # Safety
+ * `img` must be a live handle; `out` a valid pointer whose `struct_size` is set.
+ */
+int cowdisk_check(struct cowdisk *img, uint32_t flags, struct cowdisk_check_result *out);
 
 /**
  * Writes `len` bytes from `buf` at guest `offset` as compressed clusters, with the

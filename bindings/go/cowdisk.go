@@ -170,6 +170,9 @@ type OpenOptions struct {
 	// NoLock takes no locks on the image file and its backing files (QEMU's
 	// locking=off), for callers that coordinate access themselves.
 	NoLock bool
+	// Check opens an image marked corrupt read-write for Check to repair (other
+	// writes fail until a repair leaves nothing to fix), as qemu-img check does.
+	Check bool
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -230,6 +233,9 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		}
 		if opts.NoLock {
 			co.flags |= C.COWDISK_OPEN_NO_LOCK
+		}
+		if opts.Check {
+			co.flags |= C.COWDISK_OPEN_CHECK
 		}
 		co.compressed_cache_size = C.uint64_t(opts.CompressedCacheSize)
 		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)
@@ -634,3 +640,51 @@ var (
 	_ io.WriterAt = (*Image)(nil)
 	_ io.Closer   = (*Image)(nil)
 )
+
+// CheckResult is what Check found, with qemu-img check's meaning of each count.
+type CheckResult struct {
+	Corruptions        uint64 // inconsistencies left that may corrupt data
+	Leaks              uint64 // clusters whose refcount exceeds their references
+	CheckErrors        uint64 // failures that kept parts of the image from being checked
+	CorruptionsFixed   uint64 // corruptions this call repaired
+	LeaksFixed         uint64 // leaks this call repaired
+	ImageEndOffset     uint64 // end of the last cluster in use
+	TotalClusters      uint64 // guest clusters of the virtual disk
+	AllocatedClusters  uint64 // guest clusters allocated in the active image
+	FragmentedClusters uint64 // allocated clusters not right after the previous one
+	CompressedClusters uint64 // compressed clusters in the active image
+}
+
+// Repair modes of Check, like qemu-img check -r.
+const (
+	RepairNone  = 0                             // only report
+	RepairLeaks = C.COWDISK_CHECK_REPAIR_LEAKS // give back leaked clusters
+	RepairAll   = C.COWDISK_CHECK_REPAIR_ALL   // repair everything repairable
+)
+
+// Check checks the image's metadata as qemu-img check does and repairs what
+// repair allows (RepairNone, RepairLeaks or RepairAll; a repair needs a
+// read-write image, and an image marked corrupt must be opened with
+// OpenOptions.Check). Call it again with RepairNone to see what a repair left.
+func (img *Image) Check(repair int) (CheckResult, error) {
+	var r C.cowdisk_check_result
+	r.struct_size = C.uint32_t(unsafe.Sizeof(r))
+	err := img.do("check", func(h *C.cowdisk) C.int {
+		return C.cowdisk_check(h, C.uint32_t(repair), &r)
+	})
+	if err != nil {
+		return CheckResult{}, err
+	}
+	return CheckResult{
+		Corruptions:        uint64(r.corruptions),
+		Leaks:              uint64(r.leaks),
+		CheckErrors:        uint64(r.check_errors),
+		CorruptionsFixed:   uint64(r.corruptions_fixed),
+		LeaksFixed:         uint64(r.leaks_fixed),
+		ImageEndOffset:     uint64(r.image_end_offset),
+		TotalClusters:      uint64(r.total_clusters),
+		AllocatedClusters:  uint64(r.allocated_clusters),
+		FragmentedClusters: uint64(r.fragmented_clusters),
+		CompressedClusters: uint64(r.compressed_clusters),
+	}, nil
+}

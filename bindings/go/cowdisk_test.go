@@ -973,3 +973,23 @@ func TestLocking(t *testing.T) {
 	mustClose(t, img)
 	mustClose(t, mustOpen(t, path, nil))
 }
+
+// TestCheck: a written image checks clean, with its allocation counted.
+func TestCheck(t *testing.T) {
+	path := mustCreate(t, "check.qcow2", 4*mib, nil)
+	img := mustOpen(t, path, nil)
+	if _, err := img.WriteAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	r, err := img.Check(RepairNone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Corruptions != 0 || r.Leaks != 0 || r.AllocatedClusters != 1 {
+		t.Fatalf("check: %+v", r)
+	}
+	if _, err := img.Check(RepairAll); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+}

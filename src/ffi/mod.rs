@@ -11,6 +11,7 @@
 //!   `sizeof(the struct)`; fields are only ever appended, so old callers keep working.
 #![allow(non_camel_case_types)]
 
+mod check;
 mod compress;
 mod errors;
 mod options;
@@ -22,6 +23,9 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
+pub use check::{
+    cowdisk_check, cowdisk_check_result, COWDISK_CHECK_REPAIR_ALL, COWDISK_CHECK_REPAIR_LEAKS,
+};
 pub use compress::cowdisk_pwrite_compressed;
 pub use errors::{cowdisk_last_error, cowdisk_strerror, cowdisk_version};
 pub use options::{cowdisk_create_opts, cowdisk_info, cowdisk_open_opts};
@@ -53,6 +57,10 @@ pub const COWDISK_OPEN_FORCE_SHARE: u32 = 32;
 /// Take no locks on the image file and its backing files (QEMU's `locking=off`), for
 /// callers that coordinate access to the image themselves.
 pub const COWDISK_OPEN_NO_LOCK: u32 = 64;
+/// Open to check and repair (`cowdisk_check()`), as `qemu-img check` opens: an image
+/// marked corrupt opens read-write (writes other than repairs fail until a repair
+/// leaves nothing to fix), and a dirty lazy-refcounts image is not rebuilt on open.
+pub const COWDISK_OPEN_CHECK: u32 = 128;
 
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;

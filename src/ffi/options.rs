@@ -7,7 +7,7 @@ use crate::image::{CompressionType, CreateOptions, ImageInfo, OpenOptions};
 
 use super::{
     COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY,
-    COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_DIRECT,
+    COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT,
     COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_NO_BACKING,
     COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
 };
@@ -178,7 +178,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
         | COWDISK_OPEN_DISCARD_UNMAP
         | COWDISK_OPEN_NO_COMPRESSED_CACHE
         | COWDISK_OPEN_FORCE_SHARE
-        | COWDISK_OPEN_NO_LOCK;
+        | COWDISK_OPEN_NO_LOCK
+        | COWDISK_OPEN_CHECK;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -191,6 +192,7 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.discard_unmap = c.flags & COWDISK_OPEN_DISCARD_UNMAP != 0;
     out.force_share = c.flags & COWDISK_OPEN_FORCE_SHARE != 0;
     out.locking = c.flags & COWDISK_OPEN_NO_LOCK == 0;
+    out.check = c.flags & COWDISK_OPEN_CHECK != 0;
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;

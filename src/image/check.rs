@@ -569,7 +569,8 @@ impl Meta {
             total_clusters: self.header.size.div_ceil(self.cluster_size),
             ..CheckReport::default()
         };
-        if repair != Repair::None {
+        // The check reads the file: what is only in the caches goes there first.
+        if !self.read_only && self.broken.is_none() {
             self.flush_metadata()?;
         }
         let fix_errors = repair == Repair::All;

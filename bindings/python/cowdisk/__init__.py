@@ -15,11 +15,12 @@ this package, then the repository's ``target/release`` and ``target/debug``.
 """
 
 from ._errors import Error, strerror
-from ._image import Extent, Image, ImageInfo, create, open, version
+from ._image import CheckResult, Extent, Image, ImageInfo, create, open, version
 from ._snapshot import Snapshot, VMStateWriter
 from ._native import lib_path as library_path
 
 __all__ = [
+    "CheckResult",
     "Error",
     "Extent",
     "Image",
@@ -35,6 +36,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _obj in (Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
+for _obj in (CheckResult, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
     _obj.__module__ = __name__
 del _obj

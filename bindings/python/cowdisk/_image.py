@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from . import _native
 from ._buffer import Pinned
 from ._errors import check, invalid
+from ._errors import check as _check_rc
 from ._snapshot import Snapshot, VMStateWriter
 
 _lib = _native.lib
@@ -117,6 +118,27 @@ class ImageInfo:
 
 # Extents fetched per cowdisk_block_status call.
 _EXTENT_BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What :meth:`Image.check` found, with ``qemu-img check``'s meaning of each count."""
+
+    corruptions: int
+    leaks: int
+    check_errors: int
+    corruptions_fixed: int
+    leaks_fixed: int
+    image_end_offset: int
+    total_clusters: int
+    allocated_clusters: int
+    fragmented_clusters: int
+    compressed_clusters: int
+
+    @property
+    def clean(self) -> bool:
+        """No corruption, no leak, no check error."""
+        return self.corruptions == 0 and self.leaks == 0 and self.check_errors == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +323,17 @@ class Image:
     def flush(self) -> None:
         """Makes everything written so far durable on the host storage."""
         self._call(_lib.cowdisk_flush)
+
+    def check(self, repair: str | None = None) -> CheckResult:
+        """Checks the metadata as ``qemu-img check`` does; ``repair`` is ``None``,
+        ``"leaks"`` or ``"all"`` (a read-write handle; open an image marked corrupt with
+        ``check=True``). Call again without ``repair`` to see what a repair left."""
+        flags = {None: 0, "leaks": _native.CHECK_REPAIR_LEAKS, "all": _native.CHECK_REPAIR_ALL}
+        if repair not in flags:
+            raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+        s = _native.new_struct(_native.CheckResult)
+        self._call(_lib.cowdisk_check, flags[repair], ctypes.byref(s))
+        return CheckResult(*(getattr(s, f) for f in CheckResult.__dataclass_fields__))
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         """Makes guest ``[offset, offset+length)`` read as zeros, whatever the backing
@@ -583,6 +616,7 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     compressed_cache_size: int = 0,
     force_share: bool = False,
     locking: bool = True,
+    check: bool = False,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
@@ -601,7 +635,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     open fails with ``errno.EBUSY`` while another process (QEMU or cowdisk) uses the
     image, a read-only one while another process writes it — unless ``force_share``
     (read-only opens only, like ``qemu-img -U``). ``locking=False`` takes no locks,
-    for callers that coordinate access themselves.
+    for callers that coordinate access themselves. ``check=True`` opens an image marked
+    corrupt read-write for :meth:`Image.check` to repair (other writes fail until then).
 
     Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EBUSY`` (see
     above), ``EINVAL`` for a file that is not qcow2, ``ENOTSUP`` for unsupported
@@ -624,6 +659,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         flags |= _native.OPEN_FORCE_SHARE
     if not locking:
         flags |= _native.OPEN_NO_LOCK
+    if check:
+        flags |= _native.OPEN_CHECK
     opts.flags = flags
     opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
     opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)
@@ -631,7 +668,7 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         compressed_cache_size, "compressed_cache_size", _U64_MAX, path
     )
     handle = _native.Handle()
-    check(_lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle)), path)
+    _check_rc(_lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle)), path)
     return Image(handle.value, os.fspath(path), bool(readonly))
 
 

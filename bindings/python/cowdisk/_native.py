@@ -35,6 +35,9 @@ OPEN_DISCARD_UNMAP = 8
 OPEN_NO_COMPRESSED_CACHE = 16
 OPEN_FORCE_SHARE = 32
 OPEN_NO_LOCK = 64
+OPEN_CHECK = 128
+CHECK_REPAIR_LEAKS = 1
+CHECK_REPAIR_ALL = 2
 
 CREATE_LAZY_REFCOUNTS = 1
 
@@ -107,6 +110,25 @@ class Info(Structure):
     ]
 
 
+class CheckResult(Structure):
+    """``struct cowdisk_check_result``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("reserved", c_uint32),
+        ("corruptions", c_uint64),
+        ("leaks", c_uint64),
+        ("check_errors", c_uint64),
+        ("corruptions_fixed", c_uint64),
+        ("leaks_fixed", c_uint64),
+        ("image_end_offset", c_uint64),
+        ("total_clusters", c_uint64),
+        ("allocated_clusters", c_uint64),
+        ("fragmented_clusters", c_uint64),
+        ("compressed_clusters", c_uint64),
+    ]
+
+
 class Extent(Structure):
     """``struct cowdisk_extent`` (an output array element; no ``struct_size``)."""
 
@@ -168,6 +190,7 @@ _FUNCTIONS = {
     "cowdisk_pwrite": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_pwrite_compressed": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_flush": (c_int, [Handle]),
+    "cowdisk_check": (c_int, [Handle, c_uint32, POINTER(CheckResult)]),
     "cowdisk_get_info": (c_int, [Handle, POINTER(Info)]),
     "cowdisk_write_zeroes": (c_int, [Handle, c_uint64, c_uint64, c_uint32]),
     "cowdisk_discard": (c_int, [Handle, c_uint64, c_uint64]),

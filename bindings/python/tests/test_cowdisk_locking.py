@@ -50,3 +50,18 @@ def test_qemu_io_is_kept_out(new_image):
         )
         assert r.returncode != 0
         assert 'Failed to get "write" lock' in r.stderr
+
+
+def test_check_and_repair(new_image):
+    path = new_image()
+    with cowdisk.open(path) as img:
+        img.pwrite(b"x" * 4096, 0)
+        r = img.check()
+        assert r.clean and r.allocated_clusters == 1
+        with pytest.raises(ValueError):
+            img.check("everything")
+        assert img.check("all").clean
+    with cowdisk.open(path, readonly=True) as img:
+        with pytest.raises(cowdisk.Error) as exc:
+            img.check("leaks")
+        assert exc.value.errno == errno.EROFS
