@@ -232,7 +232,8 @@ impl Meta {
                         let at = l2 + i as u64 * 8;
                         let fixed = self
                             .write_host_as(
-                                super::overlap::Kind::ActiveL2 as u16,
+                                super::overlap::Kind::ActiveL2 as u16
+                                    | super::overlap::Kind::SnapshotL2 as u16,
                                 "repaired L2 entry",
                                 &ZERO.to_be_bytes(),
                                 at,
@@ -543,7 +544,9 @@ impl Meta {
             let fixed = repair
                 && self
                     .write_host_as(
-                        super::overlap::Kind::ActiveL2 as u16,
+                        // A table the active image shares with a snapshot too.
+                        super::overlap::Kind::ActiveL2 as u16
+                            | super::overlap::Kind::SnapshotL2 as u16,
                         "repaired L2 table",
                         &fixed_table,
                         l2,

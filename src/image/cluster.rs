@@ -97,6 +97,8 @@ impl Meta {
         let old_entry = self.l1[l1_index];
         let old = entry::l1_table_offset(old_entry, self.cluster_bits)?;
         if old != 0 && old_entry & COPIED != 0 {
+            // About to change it: it must be an L2 table and nothing else.
+            self.check_overlap(old, self.cluster_size, Kind::ActiveL2 as u16)?;
             return Ok(old);
         }
         let contents: Box<[u8]> = if old == 0 {

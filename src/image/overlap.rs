@@ -8,7 +8,8 @@
 //! The index is kept as tables are allocated and freed, so the hot path pays one
 //! ordered-map probe, not a scan. It knows the header, the active L1 table, the
 //! refcount table, every refcount block, every active L2 table, the snapshot table and
-//! the snapshots' L1 tables (their L2 tables are known where the active L1 shares them).
+//! the snapshots' L1 tables and, read once when the snapshot table changes (up to
+//! [`MAX_SNAPSHOT_L1_BYTES`] of them), the snapshots' L2 tables.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,7 @@ pub(crate) enum Kind {
     RefcountBlock = 16,
     SnapshotTable = 32,
     SnapshotL1 = 64,
+    SnapshotL2 = 128,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             Kind::RefcountBlock => "refcount block",
             Kind::SnapshotTable => "snapshot table",
             Kind::SnapshotL1 => "inactive L1 table",
+            Kind::SnapshotL2 => "inactive L2 table",
         }
     }
 }
@@ -49,6 +52,10 @@ pub(crate) type Allowed = u16;
 
 /// No metadata may be overlapped (guest data, new tables).
 pub(crate) const NONE: Allowed = 0;
+
+/// Snapshot L1 tables read to index the snapshots' L2 tables, at most (QEMU checks
+/// inactive L2 tables only when asked to; this covers the usual images cheaply).
+pub(crate) const MAX_SNAPSHOT_L1_BYTES: u64 = 16 << 20;
 
 /// Live metadata ranges by first cluster: (clusters, kind), possibly several per
 /// start on a damaged image.
@@ -137,12 +144,26 @@ impl Meta {
                 Kind::SnapshotTable,
             );
         }
+        let mut budget = MAX_SNAPSHOT_L1_BYTES;
         for s in &self.snapshots.entries {
-            ix.add(
-                s.l1_table_offset >> cb,
-                clusters(s.l1_size as u64 * 8),
-                Kind::SnapshotL1,
-            );
+            let bytes = s.l1_size as u64 * 8;
+            ix.add(s.l1_table_offset >> cb, clusters(bytes), Kind::SnapshotL1);
+            if bytes > budget || s.l1_table_offset % cs != 0 {
+                continue;
+            }
+            budget -= bytes;
+            let mut buf = vec![0u8; bytes as usize];
+            if self.storage.read_at(&mut buf, s.l1_table_offset).is_err() {
+                continue;
+            }
+            for raw in buf.chunks_exact(8) {
+                let e = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+                if let Ok(table) = entry::l1_table_offset(e, cb) {
+                    if table != 0 {
+                        ix.add(table >> cb, 1, Kind::SnapshotL2);
+                    }
+                }
+            }
         }
         self.overlaps = ix;
     }

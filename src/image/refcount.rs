@@ -94,6 +94,8 @@ impl Meta {
             None if value == 0 => return Ok(()),
             None => self.create_refcount_block(index)?,
         };
+        // About to change it: it must be a refcount block and nothing else.
+        self.check_overlap(offset, self.cluster_size, Kind::RefcountBlock as u16)?;
         self.load_refcount_block(offset)?;
         let order = self.header.refcount_order;
         let within = (cluster & ((1u64 << self.rb_bits) - 1)) as usize;
