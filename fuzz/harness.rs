@@ -102,11 +102,19 @@ pub fn run(data: &[u8]) {
     };
     let mut s = Script { data: script };
     let mut snapshots = 0u32;
+    let trace = std::env::var_os("COWDISK_FUZZ_TRACE").is_some();
     for _ in 0..MAX_OPS {
         let Some(op) = s.byte() else {
             break;
         };
         let size = img.size();
+        if trace {
+            eprintln!(
+                "op {} (size {size}, next bytes {:02x?})",
+                op % 13,
+                &s.data[..s.data.len().min(16)]
+            );
+        }
         match op % 13 {
             0 => {
                 if let Some((off, len)) = range(&mut s, size) {

@@ -38,6 +38,8 @@ for spec in "512 1.1 16" "512 0.10 16" "4096 1.1 1" "4096 1.1 64" "65536 1.1 16"
         qemu-io -f qcow2 -c "write -c 512k $cs" "$img" >/dev/null
     fi
     seed "plain-$cs-$compat-$rb" "$img"
+    # Large clusters make large inputs, which slow the fuzzer: no snapshot variant.
+    if [ "$cs" -ge 65536 ]; then n=$((n + 1)); continue; fi
     if ! qemu-img snapshot -c snap1 "$img" 2>/dev/null; then n=$((n + 1)); continue; fi  # 1-bit refcounts
     qemu-io -f qcow2 -c "write -P 0x33 4k 4k" "$img" >/dev/null
     qemu-img snapshot -c snap2 "$img"

@@ -24,9 +24,12 @@ per=$(( seconds / ${#targets[@]} ))
 for t in "${targets[@]}"; do
     echo "==> fuzzing $t for ${per}s"
     mkdir -p "artifacts/$t"
+    # Fork mode goes on after a finding, so one run collects them all.
     cargo "+$toolchain" fuzz run "$t" "corpus/$t" -- \
-        -max_total_time="$per" -max_len=1048576 -timeout=20 -rss_limit_mb=3072 \
-        -print_final_stats=1 2>&1 | tee "artifacts/$t.log" | grep -E "^#|stat::|SUMMARY|panicked|ERROR" | tail -20
+        -max_total_time="$per" -max_len=600000 -timeout=10 -rss_limit_mb=3072 \
+        -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
+        -print_final_stats=1 > "artifacts/$t.log" 2>&1 || true
+    grep -E "^#[0-9]+: cov|stat::|SUMMARY|panicked" "artifacts/$t.log" | tail -6
 done
 echo "fuzz: crashes found (fuzz/artifacts):"
 find artifacts -type f -name 'crash-*' -o -type f -name 'timeout-*' -o -type f -name 'oom-*' | sed 's/^/  /'

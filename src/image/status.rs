@@ -93,12 +93,14 @@ impl Meta {
     }
 
     /// Where the run of L1 entries without an L2 table that holds guest `pos` ends
-    /// (the guest offset of the next L2 table's span, or `u64::MAX`).
+    /// (the guest offset of the next L2 table's span, or `u64::MAX`); always past
+    /// `pos`'s own span.
     fn unmapped_until(&self, pos: u64) -> u64 {
         let span_bits = self.cluster_bits + self.l2_bits;
         let first = (pos >> span_bits) as usize;
-        match self.l1.iter().skip(first).position(|&e| e != 0) {
-            Some(k) => ((first + k) as u64) << span_bits,
+        let mapped = |&e: &u64| e & crate::format::entry::OFFSET_MASK != 0;
+        match self.l1.iter().skip(first + 1).position(mapped) {
+            Some(k) => ((first + 1 + k) as u64) << span_bits,
             None => u64::MAX,
         }
     }
