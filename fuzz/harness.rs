@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use cowdisk::image::Repair;
 use cowdisk::io::MemStorage;
 use cowdisk::io::Storage;
 use cowdisk::{Image, OpenOptions, SnapshotOptions};
@@ -93,13 +94,33 @@ fn range(s: &mut Script, size: u64) -> Option<(u64, u64)> {
     Some((off, len))
 }
 
-/// Opens the image read-write and runs the script.
+/// True when `check` finds the image consistent (leaks allowed).
+fn consistent(img: &Image) -> bool {
+    img.check(Repair::None)
+        .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0 && r.failed.is_none())
+}
+
+/// The oracle on consistent images: what a successful write stored reads back.
+fn reads_back(img: &Image, want: &[u8], off: u64, what: &str) {
+    let mut got = vec![0u8; want.len()];
+    match img.read_at(&mut got, off) {
+        Ok(()) => assert!(got == want, "{what} at {off} did not read back"),
+        // A backing file the harness does not open.
+        Err(e) if e.errno() == libc::ENOTSUP => {}
+        Err(e) => panic!("reading back {what} at {off} failed: {e}"),
+    }
+}
+
+/// Opens the image read-write and runs the script. On images `check` calls
+/// consistent, every successful write must read back and the image must stay
+/// consistent (an image whose metadata is broken only has to survive).
 pub fn run(data: &[u8]) {
     let (image, script) = split(data);
     let storage = storage_with(image);
     let Ok(mut img) = Image::open_storage(storage.clone(), &options(false)) else {
         return;
     };
+    let oracle = consistent(&img);
     let mut s = Script { data: script };
     let mut snapshots = 0u32;
     let trace = std::env::var_os("COWDISK_FUZZ_TRACE").is_some();
@@ -115,7 +136,7 @@ pub fn run(data: &[u8]) {
                 &s.data[..s.data.len().min(16)]
             );
         }
-        match op % 13 {
+        match op % 14 {
             0 => {
                 if let Some((off, len)) = range(&mut s, size) {
                     let mut buf = vec![0u8; len as usize];
@@ -126,13 +147,17 @@ pub fn run(data: &[u8]) {
                 let fill = s.byte().unwrap_or(0xA5);
                 if let Some((off, len)) = range(&mut s, size) {
                     let buf = vec![fill; len as usize];
-                    let _ = img.write_at(&buf, off);
+                    if img.write_at(&buf, off).is_ok() && oracle {
+                        reads_back(&img, &buf, off, "a write");
+                    }
                 }
             }
             2 => {
                 let unmap = s.byte().unwrap_or(0) & 1 == 1;
                 if let Some((off, len)) = range(&mut s, size) {
-                    let _ = img.write_zeroes(off, len, unmap);
+                    if img.write_zeroes(off, len, unmap).is_ok() && oracle {
+                        reads_back(&img, &vec![0u8; len as usize], off, "write_zeroes");
+                    }
                 }
             }
             3 => {
@@ -147,7 +172,9 @@ pub fn run(data: &[u8]) {
                     let off = s.u64() % (size / cs) * cs;
                     let len = (n * cs).min(size - off);
                     let buf: Vec<u8> = (0..len).map(|i| (i / 7) as u8).collect();
-                    let _ = img.write_compressed(&buf, off);
+                    if img.write_compressed(&buf, off).is_ok() && oracle {
+                        reads_back(&img, &buf, off, "a compressed write");
+                    }
                 }
             }
             5 => {
@@ -186,6 +213,11 @@ pub fn run(data: &[u8]) {
                 let mut back = vec![0u8; len as usize];
                 let _ = img.load_vmstate(&mut back, pos);
             }
+            13 => {
+                let repair =
+                    [Repair::None, Repair::Leaks, Repair::All][s.byte().unwrap_or(0) as usize % 3];
+                let _ = img.check(repair);
+            }
             _ => {
                 // Grow or shrink by up to 16 MiB, in 512-byte steps.
                 let delta = (s.u64() % (1 << 15)) * 512;
@@ -197,6 +229,14 @@ pub fn run(data: &[u8]) {
                 let _ = img.resize(new, true);
             }
         }
+    }
+    if oracle {
+        let r = img.check(Repair::None);
+        assert!(
+            r.as_ref()
+                .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0),
+            "a consistent image became inconsistent: {r:?}"
+        );
     }
     let _ = img.close();
 }
