@@ -29,7 +29,7 @@ for t in "${targets[@]}"; do
         -max_total_time="$per" -max_len=600000 -timeout=10 -rss_limit_mb=3072 \
         -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
         -print_final_stats=1 > "artifacts/$t.log" 2>&1 || true
-    grep -E "^#[0-9]+: cov|stat::|SUMMARY|panicked" "artifacts/$t.log" | tail -6
+    grep -E "^#[0-9]+: cov|stat::|SUMMARY|panicked" "artifacts/$t.log" | tail -6 || true
 done
 echo "fuzz: crashes found (fuzz/artifacts):"
 find artifacts -type f -name 'crash-*' -o -type f -name 'timeout-*' -o -type f -name 'oom-*' | sed 's/^/  /'
