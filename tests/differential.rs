@@ -153,6 +153,15 @@ fn qemu_read_snapshot(path: &Path, id: &str, s: &Scratch) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
+/// `cowdisk check` finds nothing: no corruption, no leak, no check error.
+fn assert_clean(img: &Image, what: &str) {
+    let r = img.check(cowdisk::image::Repair::None).unwrap();
+    assert!(
+        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0,
+        "{what}: cowdisk check: {r:?}"
+    );
+}
+
 fn write_raw(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
@@ -344,6 +353,7 @@ fn run_config(cfg: &Config, seed: u64) {
             }
             90..=94 => img.flush().unwrap(),
             _ => {
+                assert_clean(&img, &format!("{}: step {step}", cfg.name));
                 img.close().unwrap();
                 img = Image::open(&img_path, &open_opts).unwrap();
             }
@@ -364,6 +374,7 @@ fn run_config(cfg: &Config, seed: u64) {
         "{}: final read differs from the model",
         cfg.name
     );
+    assert_clean(&img, &format!("{}: the end", cfg.name));
     img.close().unwrap();
     qemu_check_clean(&img_path);
     let model_path = s.path("model.raw");
