@@ -363,6 +363,28 @@ typedef struct cowdisk_check_result {
 } cowdisk_check_result;
 
 /**
+ * What `cowdisk_amend()` changes; zero fields leave a setting as it is.
+ */
+typedef struct cowdisk_amend_opts {
+  /**
+   * Set to `sizeof(cowdisk_amend_opts)`.
+   */
+  uint32_t struct_size;
+  /**
+   * qcow2 version: 2 (compat 0.10) or 3 (compat 1.1); 0 = unchanged.
+   */
+  uint32_t version;
+  /**
+   * Lazy refcounts: 1 = on, 2 = off, 0 = unchanged.
+   */
+  uint32_t lazy_refcounts;
+  /**
+   * Refcount width in bits (1, 2, 4, ..., 64); 0 = unchanged.
+   */
+  uint32_t refcount_bits;
+} cowdisk_amend_opts;
+
+/**
  * Options for [`cowdisk_snapshot_create`]. A zero-filled struct records a disk-only
  * snapshot (like `qemu-img snapshot -c`, which records icount 0).
  */
@@ -637,6 +659,19 @@ int cowdisk_block_status(struct cowdisk *img,
  * `img` must be a live handle; `out` a valid pointer whose `struct_size` is set.
  */
 int cowdisk_check(struct cowdisk *img, uint32_t flags, struct cowdisk_check_result *out);
+
+/**
+ * Changes the image's version, lazy refcounts flag or refcount width in place, as
+ * `qemu-img amend -o compat=…,lazy_refcounts=…,refcount_bits=…` does, refusing what
+ * it refuses (`-EINVAL` for impossible combinations, `-ENOTSUP` for a downgrade the
+ * image's snapshots or features prevent, with QEMU's messages). Crash-safe: a crash
+ * leaves the old image or the new one, with the same data. Needs a read-write
+ * handle (`-EROFS`); waits for writes in flight on other threads.
+ *
+ * # Safety
+ * `img` must be a live handle; `opts` a valid pointer whose `struct_size` is set.
+ */
+int cowdisk_amend(struct cowdisk *img, const struct cowdisk_amend_opts *opts);
 
 /**
  * Writes `len` bytes from `buf` at guest `offset` as compressed clusters, with the

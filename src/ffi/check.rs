@@ -115,3 +115,62 @@ pub unsafe extern "C" fn cowdisk_check(
         Ok(())
     })
 }
+
+/// What `cowdisk_amend()` changes; zero fields leave a setting as it is.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct cowdisk_amend_opts {
+    /// Set to `sizeof(cowdisk_amend_opts)`.
+    pub struct_size: u32,
+    /// qcow2 version: 2 (compat 0.10) or 3 (compat 1.1); 0 = unchanged.
+    pub version: u32,
+    /// Lazy refcounts: 1 = on, 2 = off, 0 = unchanged.
+    pub lazy_refcounts: u32,
+    /// Refcount width in bits (1, 2, 4, ..., 64); 0 = unchanged.
+    pub refcount_bits: u32,
+}
+
+/// Changes the image's version, lazy refcounts flag or refcount width in place, as
+/// `qemu-img amend -o compat=…,lazy_refcounts=…,refcount_bits=…` does, refusing what
+/// it refuses (`-EINVAL` for impossible combinations, `-ENOTSUP` for a downgrade the
+/// image's snapshots or features prevent, with QEMU's messages). Crash-safe: a crash
+/// leaves the old image or the new one, with the same data. Needs a read-write
+/// handle (`-EROFS`); waits for writes in flight on other threads.
+///
+/// # Safety
+/// `img` must be a live handle; `opts` a valid pointer whose `struct_size` is set.
+#[no_mangle]
+pub unsafe extern "C" fn cowdisk_amend(
+    img: *mut cowdisk,
+    opts: *const cowdisk_amend_opts,
+) -> c_int {
+    guard_handle("cowdisk_amend", img, |h| {
+        if opts.is_null() {
+            return Err(Error::InvalidArgument("opts is NULL".into()));
+        }
+        let declared = *(opts as *const u32) as usize;
+        if declared < 8 {
+            return Err(Error::InvalidArgument(format!(
+                "cowdisk_amend_opts.struct_size is {declared}; set it to sizeof(cowdisk_amend_opts)"
+            )));
+        }
+        let mut c: cowdisk_amend_opts = std::mem::zeroed();
+        let n = declared.min(std::mem::size_of::<cowdisk_amend_opts>());
+        std::ptr::copy_nonoverlapping(opts as *const u8, &mut c as *mut _ as *mut u8, n);
+        let o = crate::image::AmendOptions {
+            version: (c.version != 0).then_some(c.version),
+            lazy_refcounts: match c.lazy_refcounts {
+                0 => None,
+                1 => Some(true),
+                2 => Some(false),
+                v => {
+                    return Err(Error::InvalidArgument(format!(
+                        "lazy_refcounts is {v} (0 unchanged, 1 on, 2 off)"
+                    )))
+                }
+            },
+            refcount_bits: (c.refcount_bits != 0).then_some(c.refcount_bits),
+        };
+        h.image.amend(&o)
+    })
+}

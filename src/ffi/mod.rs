@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 
 pub use check::{
-    cowdisk_check, cowdisk_check_result, COWDISK_CHECK_REPAIR_ALL, COWDISK_CHECK_REPAIR_LEAKS,
+    cowdisk_amend, cowdisk_amend_opts, cowdisk_check, cowdisk_check_result,
+    COWDISK_CHECK_REPAIR_ALL, COWDISK_CHECK_REPAIR_LEAKS,
 };
 pub use compress::cowdisk_pwrite_compressed;
 pub use errors::{cowdisk_last_error, cowdisk_strerror, cowdisk_version};

@@ -3,6 +3,7 @@
 //! Concurrency: one lock (`Meta`) guards the header, L1, caches and allocator, as
 //! QEMU's `s->lock` does. Guest data I/O runs outside it (see `inflight.rs`).
 
+mod amend;
 mod backing;
 mod cache;
 mod check;
@@ -25,6 +26,7 @@ mod vmstate;
 mod write;
 mod zero;
 
+pub use amend::AmendOptions;
 pub use check::{CheckReport, Progress, Repair};
 pub use compress::DEFAULT_COMPRESSED_CACHE_SIZE;
 pub use options::*;

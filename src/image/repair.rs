@@ -134,6 +134,17 @@ impl Meta {
     /// to it (clearing the dirty bit) and drops the old one from memory: nothing
     /// references the old table and blocks any more, so they read as free.
     pub(crate) fn rebuild_refcounts_from(&mut self, per_cluster: Vec<u64>) -> Result<()> {
+        let order = self.header.refcount_order;
+        self.rebuild_refcounts_with(per_cluster, order)
+    }
+
+    /// [`Meta::rebuild_refcounts_from`] with refcounts `1 << order` bits wide (amend
+    /// changes the width this way).
+    pub(crate) fn rebuild_refcounts_with(
+        &mut self,
+        per_cluster: Vec<u64>,
+        order: u32,
+    ) -> Result<()> {
         let cs = self.cluster_size;
         let mut counts = Counts {
             per_cluster,
@@ -142,7 +153,8 @@ impl Meta {
         // Lay out the new structure after everything: table, then blocks, sized to
         // describe themselves too (iterate to a fixed point).
         let start = counts.per_cluster.len() as u64;
-        let per_block = 1u64 << self.rb_bits;
+        let rb_bits = self.cluster_bits + 3 - order;
+        let per_block = 1u64 << rb_bits;
         let (mut table_clusters, mut blocks) = (1u64, 1u64);
         loop {
             let total = start + table_clusters + blocks;
@@ -164,7 +176,6 @@ impl Meta {
         for c in start..end {
             counts.per_cluster[c as usize] = 1;
         }
-        let order = self.header.refcount_order;
         let table_offset = start * cs;
         let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
         for b in 0..blocks {
@@ -186,10 +197,17 @@ impl Meta {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.write_host("rebuilt refcount table", &bytes, table_offset)?;
         self.sync()?;
+        let old = self.header.clone();
         self.header.refcount_table_offset = table_offset;
         self.header.refcount_table_clusters = table_clusters as u32;
+        self.header.refcount_order = order;
         self.header.incompatible_features &= !INCOMPAT_DIRTY;
-        self.write_header()?;
+        if let Err(e) = self.write_header() {
+            self.header = old;
+            return Err(e);
+        }
+        self.rb_bits = rb_bits;
+        self.host_end = self.host_end.max(end * cs);
         self.sync()?;
         self.rc.table = table;
         self.rc.blocks = super::cache::TableCache::new(super::open::REFCOUNT_CACHE_BLOCKS);

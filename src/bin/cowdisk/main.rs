@@ -4,6 +4,8 @@
 //!
 //! Errors print `cowdisk: <message>` on stderr and exit with status 1.
 
+/// `cowdisk amend`.
+mod amend;
 /// `cowdisk bench`, `bench-compress` and `bench-vmstate`.
 mod bench;
 /// `cowdisk map`, `zero`, `discard` and `resize`.
@@ -64,6 +66,9 @@ enum Command {
     /// Check an image's metadata and repair it (like `qemu-img check`; exit 0 clean,
     /// 1 check not completed, 2 corruptions, 3 leaks only).
     Check(check::CheckArgs),
+    /// Change an image's version, lazy refcounts or refcount width in place (like
+    /// `qemu-img amend`).
+    Amend(amend::AmendArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -173,6 +178,7 @@ fn main() -> ExitCode {
         Command::BenchCompress(args) => bench::run_compress(args),
         Command::BenchVmstate(args) => bench::run_vmstate(args),
         Command::Snapshot(args) => snapshot::run(args),
+        Command::Amend(args) => amend::run(args),
         Command::Check(args) => match check::run(args) {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),

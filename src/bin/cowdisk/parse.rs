@@ -120,7 +120,7 @@ pub fn parse_byte(text: &str) -> Result<u8, String> {
 }
 
 /// Parses a boolean option value the way QEMU does (`on`/`off`, `yes`/`no`, `true`/`false`).
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
@@ -165,7 +165,7 @@ pub struct OptionExtras {
 }
 
 /// Splits a qemu-style option list on commas; `,,` stands for a literal comma.
-fn split_option_list(list: &str) -> Vec<String> {
+pub fn split_option_list(list: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut current = String::new();
     let mut chars = list.chars().peekable();
