@@ -5,7 +5,8 @@
 #
 # Sections: "bench" (qemu-img bench workloads), "compress" (1 GiB of mixed data through
 # compressed writes vs qemu-img convert -c, issue 5), "vmstate" (2 GiB of VM state in
-# realistic pieces, pool vs unbuffered vs dd, issue 6).
+# realistic pieces, pool vs unbuffered vs dd, issue 6), "integrity" (what the overlap
+# checks cost on workloads 1-4, and mapping an empty 1 PiB image, issue 11).
 #
 # Environment: BENCH_DIR (scratch folder on a real disk, default build/bench — O_DIRECT
 # does not work on tmpfs), BENCH_RUNS (runs per tool and workload, default 3),
@@ -20,7 +21,7 @@ cowdisk="$top/target/release/cowdisk"
 dir=${BENCH_DIR:-$top/build/bench}
 runs=${BENCH_RUNS:-3}
 out=${BENCH_OUT:-$top/BENCHMARKS.md}
-only=${BENCH_ONLY:-bench,compress,vmstate}
+only=${BENCH_ONLY:-bench,compress,vmstate,integrity}
 slow_mib=${BENCH_VMSTATE_SLOW_MIB:-512}
 mkdir -p "$dir"
 [ -x "$cowdisk" ] || { echo "bench: build first (make)"; exit 1; }
@@ -234,6 +235,58 @@ if section vmstate; then
     vm_speedup=$(ratio "$(med "pool none")" "$(med "unbuffered none")")
     vm_vs_dd=$(ratio "$(med "pool none")" "$(med "dd none")")
 fi
+# ---- integrity (issue 11) -------------------------------------------------------------
+# Workloads 1-4 through cowdisk with the overlap checks on (the default) and off
+# (--no-overlap-check), alternating; and `map` of an empty 1 PiB image.
+overlap_rows=()
+if section integrity; then
+    full="$dir/full-4g.qcow2"
+    if [ ! -f "$full" ]; then
+        qemu-img create -q -f qcow2 -o preallocation=full "$full" 4G
+    fi
+    overlap() {
+        local name=$1 image=$2; shift 2
+        local on=() off=()
+        echo "== overlap checks: $name: cowdisk bench $*"
+        for ((i = 0; i < runs; i++)); do
+            for mode in on off; do
+                local img=$image
+                if [ "$image" = fresh ]; then
+                    img="$dir/fresh.qcow2"
+                    rm -f "$img"
+                    qemu-img create -q -f qcow2 "$img" 8G
+                fi
+                sync
+                local extra=()
+                [ $mode = off ] && extra=(--no-overlap-check)
+                t=$(seconds cowdisk "$img" "$@" "${extra[@]}")
+                echo "   checks $mode run $((i + 1)): $t s"
+                if [ $mode = on ]; then on+=("$t"); else off+=("$t"); fi
+            done
+        done
+        local a b r
+        a=$(printf '%s\n' "${on[@]}" | median)
+        b=$(printf '%s\n' "${off[@]}" | median)
+        r=$(ratio "$a" "$b")
+        overlap_rows+=("| $name | \`$*\` | $a | $b | $r | ≤ 1.03 | $(met "$r" 1.03) |")
+    }
+    overlap "1. 4 KiB sequential allocating writes" fresh -w -c 65536 -s 4k -d 1 -t none
+    overlap "1. 4 KiB sequential allocating writes" fresh -w -c 65536 -s 4k -d 1 -t writeback
+    overlap "2. 4 KiB writes at 64 KiB step" fresh -w -c 65536 -s 4k -S 64k -d 1 -t none
+    overlap "2. 4 KiB writes at 64 KiB step" fresh -w -c 65536 -s 4k -S 64k -d 1 -t writeback
+    overlap "3. 4 KiB reads at 64 KiB step" "$full" -c 65536 -s 4k -S 64k -d 1 -t none
+    overlap "3. sequential 64 KiB reads" "$full" -c 65536 -s 64k -d 1 -t writeback
+    overlap "4. workload 2 with 8 in flight" fresh -w -c 65536 -s 4k -S 64k -d 8 -t none
+    big="$dir/empty-1p.qcow2"
+    rm -f "$big"
+    qemu-img create -q -f qcow2 "$big" 1P
+    for ((i = 0; i < runs; i++)); do
+        t0=$(now); "$cowdisk" map --output=json "$big" > /dev/null; times["map cowdisk"]+="$(since "$t0") "
+    done
+    t0=$(now); qemu-img map --output=json "$big" > /dev/null; map_qemu=$(since "$t0")
+    map_cowdisk=$(med "map cowdisk")
+    rm -f "$big"
+fi
 echo "bench: measuring took $(since "$start_all") s"
 
 {
@@ -308,6 +361,24 @@ echo "bench: measuring took $(since "$start_all") s"
         echo "|---|---|---|---|"
         echo "| pool at least 4× faster than unbuffered | $vm_speedup | ≤ 0.25 | $(met "$vm_speedup" 0.25) |"
         echo "| pool within 1.2× of the raw disk (dd) | $vm_vs_dd | ≤ 1.2 | $(met "$vm_vs_dd" 1.2) |"
+    fi
+    if section integrity; then
+        echo
+        echo "## Integrity (issue 11)"
+        echo
+        echo "What the overlap checks (every host write checked against the metadata index, and"
+        echo "tables checked before they change) cost: \`cowdisk bench\` with the checks on (the"
+        echo "default) and off (\`--no-overlap-check\`, QEMU's overlap-check=none), alternating,"
+        echo "same images as above. Ratio = on / off."
+        echo
+        echo "| workload | options | on s | off s | ratio | goal | met |"
+        echo "|---|---|---|---|---|---|---|"
+        printf '%s\n' "${overlap_rows[@]}"
+        echo
+        echo "\`map --output=json\` of an empty 1 PiB image (64 KiB clusters): cowdisk **$map_cowdisk s**"
+        echo "(median of $runs, whole process; goal < 0.1 s: $(met "$map_cowdisk" 0.1)); \`qemu-img map\`"
+        echo "of the same image took $map_qemu s (one run). Block status skips runs of empty L1"
+        echo "entries, so its time follows what is mapped, not the virtual size."
     fi
 } > "$out"
 echo "bench: wrote $out"

@@ -32,6 +32,9 @@ pub struct BenchConfig {
     pub pattern: u8,
     /// Flush after every this many requests (`--flush-interval`; 0 = never).
     pub flush_interval: u64,
+    /// Check host writes against the metadata (`--no-overlap-check` turns it off, to
+    /// measure what the checks cost).
+    pub overlap_checks: bool,
 }
 
 /// The outcome of a run.
@@ -53,6 +56,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchResult> {
     let opts = OpenOptions {
         read_only: !cfg.write,
         direct: cfg.direct,
+        overlap_checks: cfg.overlap_checks,
         ..OpenOptions::default()
     };
     let image = Image::open(path, &opts)?;

@@ -81,6 +81,8 @@ pub(crate) struct Meta {
     /// Opened to check and repair (`OpenOptions::check`): misplaced snapshot L1
     /// tables are accepted for the check to report.
     pub check_mode: bool,
+    /// Host writes are checked against the metadata index (`OpenOptions::overlap_checks`).
+    pub overlap_checks: bool,
 }
 
 impl Meta {

@@ -140,6 +140,7 @@ pub(crate) fn open_meta(
         inflight: Default::default(),
         overlaps: Default::default(),
         check_mode: opts.check,
+        overlap_checks: opts.overlap_checks,
     };
 
     meta.snapshots = meta.read_snapshot_table()?;

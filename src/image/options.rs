@@ -94,6 +94,10 @@ pub struct OpenOptions {
     /// repair leaves nothing to fix), and a dirty lazy-refcounts image is not
     /// rebuilt on open (the check reports and repairs it).
     pub check: bool,
+    /// Check every host write against the image's metadata and refuse (marking the
+    /// image corrupt) one that would overwrite it (see `overlap.rs`). Turning it off
+    /// is QEMU's `overlap-check=none`: only for measuring what the checks cost.
+    pub overlap_checks: bool,
 }
 
 impl Default for OpenOptions {
@@ -109,6 +113,7 @@ impl Default for OpenOptions {
             force_share: false,
             locking: true,
             check: false,
+            overlap_checks: true,
         }
     }
 }

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Flush after every N requests (0 = never).
     #[arg(long = "flush-interval", default_value = "0")]
     flush_interval: u64,
+    /// Do not check host writes against the metadata (to measure what the checks
+    /// cost; QEMU's overlap-check=none).
+    #[arg(long = "no-overlap-check")]
+    no_overlap_check: bool,
     /// Print only the elapsed seconds.
     #[arg(short = 'q')]
     quiet: bool,
@@ -66,6 +70,7 @@ pub fn run(args: BenchArgs) -> CliResult {
         direct,
         pattern: parse::parse_byte(&args.pattern)?,
         flush_interval: args.flush_interval,
+        overlap_checks: !args.no_overlap_check,
     };
     if !args.quiet {
         println!(
