@@ -255,7 +255,9 @@ fn random_corruption_never_panics() {
 #[test]
 fn header_and_table_limits_of_iotest_080() {
     let s = Scratch::new("iotest-080");
-    let cases: &[(&str, &[(u64, &[u8])], &str)] = &[
+    /// (what, pokes at header offsets, word the message must contain)
+    type Case<'a> = (&'a str, &'a [(u64, &'a [u8])], &'a str);
+    let cases: &[Case] = &[
         (
             "huge header length",
             &[(100, &0xffff_ffffu32.to_be_bytes())],

@@ -688,3 +688,27 @@ func (img *Image) Check(repair int) (CheckResult, error) {
 		CompressedClusters: uint64(r.compressed_clusters),
 	}, nil
 }
+
+// AmendOptions says what Amend changes; zero values leave a setting as it is.
+type AmendOptions struct {
+	Version       uint32 // 2 (compat 0.10) or 3 (compat 1.1)
+	LazyRefcounts *bool  // on or off
+	RefcountBits  uint32 // 1, 2, 4, ..., 64
+}
+
+// Amend changes the image's version, lazy refcounts or refcount width in place,
+// as qemu-img amend does (refusing what it refuses). Crash-safe; needs a
+// read-write image.
+func (img *Image) Amend(opts AmendOptions) error {
+	var c C.cowdisk_amend_opts
+	c.struct_size = C.uint32_t(unsafe.Sizeof(c))
+	c.version = C.uint32_t(opts.Version)
+	c.refcount_bits = C.uint32_t(opts.RefcountBits)
+	if opts.LazyRefcounts != nil {
+		c.lazy_refcounts = 2
+		if *opts.LazyRefcounts {
+			c.lazy_refcounts = 1
+		}
+	}
+	return img.do("amend", func(h *C.cowdisk) C.int { return C.cowdisk_amend(h, &c) })
+}

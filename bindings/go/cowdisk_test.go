@@ -991,5 +991,14 @@ func TestCheck(t *testing.T) {
 	if _, err := img.Check(RepairAll); err != nil {
 		t.Fatal(err)
 	}
+	if err := img.Amend(AmendOptions{RefcountBits: 8}); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := img.Info(); err != nil || info.RefcountBits != 8 {
+		t.Fatalf("after amend: %+v, %v", info, err)
+	}
+	if err := img.Amend(AmendOptions{Version: 2}); !errors.Is(err, syscall.EINVAL) {
+		t.Fatalf("compat 0.10 with 8-bit refcounts: %v", err)
+	}
 	mustClose(t, img)
 }

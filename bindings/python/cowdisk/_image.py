@@ -324,6 +324,22 @@ class Image:
         """Makes everything written so far durable on the host storage."""
         self._call(_lib.cowdisk_flush)
 
+    def amend(
+        self,
+        *,
+        version: int | None = None,
+        lazy_refcounts: bool | None = None,
+        refcount_bits: int | None = None,
+    ) -> None:
+        """Changes the version (2 or 3), lazy refcounts or refcount width in place, as
+        ``qemu-img amend`` does (refusing what it refuses); ``None`` keeps a setting.
+        Crash-safe; needs a read-write handle."""
+        s = _native.new_struct(_native.AmendOpts)
+        s.version = _uint(version or 0, "version", _U32_MAX, self.path)
+        s.lazy_refcounts = {None: 0, True: 1, False: 2}[lazy_refcounts]
+        s.refcount_bits = _uint(refcount_bits or 0, "refcount_bits", _U32_MAX, self.path)
+        self._call(_lib.cowdisk_amend, ctypes.byref(s))
+
     def check(self, repair: str | None = None) -> CheckResult:
         """Checks the metadata as ``qemu-img check`` does; ``repair`` is ``None``,
         ``"leaks"`` or ``"all"`` (a read-write handle; open an image marked corrupt with

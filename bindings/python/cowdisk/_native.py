@@ -129,6 +129,17 @@ class CheckResult(Structure):
     ]
 
 
+class AmendOpts(Structure):
+    """``struct cowdisk_amend_opts``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("version", c_uint32),
+        ("lazy_refcounts", c_uint32),
+        ("refcount_bits", c_uint32),
+    ]
+
+
 class Extent(Structure):
     """``struct cowdisk_extent`` (an output array element; no ``struct_size``)."""
 
@@ -191,6 +202,7 @@ _FUNCTIONS = {
     "cowdisk_pwrite_compressed": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_flush": (c_int, [Handle]),
     "cowdisk_check": (c_int, [Handle, c_uint32, POINTER(CheckResult)]),
+    "cowdisk_amend": (c_int, [Handle, POINTER(AmendOpts)]),
     "cowdisk_get_info": (c_int, [Handle, POINTER(Info)]),
     "cowdisk_write_zeroes": (c_int, [Handle, c_uint64, c_uint64, c_uint32]),
     "cowdisk_discard": (c_int, [Handle, c_uint64, c_uint64]),

@@ -65,3 +65,18 @@ def test_check_and_repair(new_image):
         with pytest.raises(cowdisk.Error) as exc:
             img.check("leaks")
         assert exc.value.errno == errno.EROFS
+
+
+def test_amend(new_image):
+    path = new_image()
+    with cowdisk.open(path) as img:
+        img.pwrite(b"y" * 4096, 0)
+        img.amend(refcount_bits=8)
+        assert img.info.refcount_bits == 8
+        with pytest.raises(cowdisk.Error) as exc:
+            img.amend(version=2)
+        assert exc.value.errno == errno.EINVAL
+        img.amend(version=2, refcount_bits=16)
+        assert img.info.version == 2
+        assert img.pread(4096, 0) == b"y" * 4096
+        assert img.check().clean
