@@ -235,3 +235,35 @@ fn snapshot_with_unaligned_l1() {
         poke(p, table, &u64be(l1 + 0x200));
     });
 }
+
+/// `map` works on an image whose refcount structure is damaged (as QEMU's does) and
+/// gives what `qemu-img map` gives.
+#[test]
+fn map_with_damaged_refcounts() {
+    let s = Scratch::new("check-map");
+    let p = base(&s);
+    poke(&p, REFTABLE, &u64be(0x7fff_0000_0000_0200));
+    let ours = run_ok(
+        cowdisk_bin(),
+        &["map", "--output=json", p.to_str().unwrap()],
+    );
+    let theirs = run_ok("qemu-img", &["map", "--output=json", p.to_str().unwrap()]);
+    assert_eq!(ours, theirs);
+}
+
+/// An empty image of the largest size maps at once (block status skips unmapped L1
+/// ranges): nothing here waits on the virtual size.
+#[test]
+fn map_of_an_empty_huge_image() {
+    let s = Scratch::new("check-huge");
+    let p = s.path("huge.qcow2");
+    run_ok(cowdisk_bin(), &["create", p.to_str().unwrap(), "2P"]);
+    let out = run_ok(
+        cowdisk_bin(),
+        &["map", "--output=json", p.to_str().unwrap()],
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("\"length\": 2251799813685248"), "{out}");
+    let r = counts(cowdisk_bin(), &p, &[]);
+    assert_eq!((r.0, r.1, r.3), (0, 0, 0), "{}", r.4);
+}
