@@ -237,11 +237,14 @@ impl Header {
         }
 
         // Extensions and names first: they give the feature names for error messages.
+        // Extensions end at the backing file name, or with the header cluster — and in
+        // any case with the bytes the file has (a short file ends early).
         let ext_end = if backing_file_offset != 0 && backing_file_offset < cluster_size {
             backing_file_offset as usize
         } else {
-            (cluster_size as usize).min(buf.len())
-        };
+            cluster_size as usize
+        }
+        .min(buf.len());
         h.parse_extensions(buf, header_length as usize, ext_end)?;
 
         if backing_file_offset != 0 {
