@@ -4,7 +4,7 @@
 # Crashes land in fuzz/artifacts/<target>/; copy each into fuzz/regressions/ (named for
 # what it found) so that `make test` replays it (tests/fuzz_regressions.rs).
 # Needs a nightly toolchain (for the sanitizer flags) and cargo-fuzz; installs
-# cargo-fuzz when missing.
+# cargo-fuzz when missing. FUZZ_TARGETS (default "image header") picks targets.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-60}
@@ -18,7 +18,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
 [ -d corpus/image ] || ./make-corpus.sh corpus
-targets=(image header)
+read -r -a targets <<< "${FUZZ_TARGETS:-image header}"
 per=$(( seconds / ${#targets[@]} ))
 [ "$per" -ge 1 ] || per=1
 for t in "${targets[@]}"; do
