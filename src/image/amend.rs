@@ -101,11 +101,8 @@ impl Meta {
         let old = self.header.clone();
         self.header.version = 3;
         self.header.refcount_order = 4;
-        if let Err(e) = self.write_header().and_then(|()| self.sync()) {
-            self.header = old;
-            return Err(e);
-        }
-        Ok(())
+        self.switch_header(&old)?;
+        self.sync()
     }
 
     /// Refuses a downgrade QEMU refuses, before anything changes.
@@ -196,6 +193,7 @@ impl Meta {
         let backing = self.header.backing_file.is_some();
         for table in self.all_l2_tables()? {
             let mut entries = self.read_entries(table)?;
+            let mut released = Vec::new();
             // Clusters allocated for plain zero clusters over a backing file are
             // reached by as many L1 paths as the table itself.
             let paths = self.refcount(table >> self.cluster_bits)?;
@@ -213,9 +211,9 @@ impl Meta {
                 }
                 if host != 0 {
                     // Its host cluster still holds a snapshot's data: let go of it
-                    // (after this table is written) and treat it as a plain zero.
+                    // (once this table is written) and treat it as a plain zero.
                     for _ in 0..paths {
-                        self.free_later(host, 1);
+                        released.push(host);
                     }
                 }
                 if backing {
@@ -242,6 +240,9 @@ impl Meta {
                     table,
                 )?;
                 self.l2_cache.remove(table);
+                for host in released {
+                    self.free_later(host, 1);
+                }
             }
         }
         self.flush_metadata()?;
@@ -252,11 +253,8 @@ impl Meta {
         self.header.autoclear_features = 0;
         self.header.compression_type = 0;
         self.header.unknown_header_bytes.clear();
-        if let Err(e) = self.write_header().and_then(|()| self.sync()) {
-            self.header = old;
-            return Err(e);
-        }
-        Ok(())
+        self.switch_header(&old)?;
+        self.sync()
     }
 
     /// Rewrites the refcount structure with `1 << order`-bit refcounts.

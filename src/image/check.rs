@@ -277,7 +277,7 @@ impl Meta {
     /// Counts the refcount blocks; a broken refcount table entry asks for a rebuild.
     fn check_refblocks(&mut self, w: &mut Walk, r: &mut CheckReport) {
         let cs = self.cluster_size;
-        let nb_clusters = w.counts.per_cluster.len() as u64;
+        let nb_clusters = w.counts.file_len.div_ceil(cs);
         for (i, &e) in self.rc.table.clone().iter().enumerate() {
             if e & 0x1ff != 0 {
                 r.error(format!(
@@ -339,6 +339,8 @@ impl Meta {
             },
             rebuild: false,
         };
+        // One slot past the file: a last cluster referenced partly past the end.
+        w.counts.per_cluster.push(0);
         w.counts.add(r, 0, cs);
         let h = self.header.clone();
         w.counts.add(r, h.l1_table_offset, h.l1_size as u64 * 8);
@@ -428,7 +430,8 @@ impl Meta {
         quiet: bool,
         progress: Progress,
     ) -> bool {
-        let nb = w.counts.per_cluster.len() as u64;
+        // Clusters past the end of the file are not compared (QEMU's rule).
+        let nb = w.counts.file_len.div_ceil(self.cluster_size);
         let disk = self.disk_refcounts(nb);
         let mut rebuild = false;
         let mut highest = None;
@@ -572,8 +575,17 @@ impl Meta {
             total_clusters: self.header.size.div_ceil(self.cluster_size),
             ..CheckReport::default()
         };
-        // The check reads the file: what is only in the caches goes there first.
-        if !self.read_only && self.broken.is_none() {
+        if self.in_doubt && repair != Repair::None {
+            return Err(Error::Broken(
+                "the handle cannot tell what the disk holds; reopen the image (with check) \
+                 to repair it"
+                    .into(),
+            ));
+        }
+        // The check reads the file: what is only in the caches goes there first (on a
+        // handle that met corruption too: its memory is consistent, only the disk is
+        // not).
+        if !self.read_only && !self.in_doubt {
             self.flush_metadata()?;
         }
         let fix_errors = repair == Repair::All;
@@ -667,6 +679,8 @@ impl Image {
 
     /// [`Image::check`], calling `progress` with the share done (0.0 to 1.0).
     pub fn check_with_progress(&self, repair: Repair, progress: Progress) -> Result<CheckReport> {
+        // VM state being written holds clusters not mapped yet: finish it first.
+        let _vm = self.vmstate.quiesce(false)?;
         let mut meta = self.exclusive()?;
         if repair != Repair::None && meta.read_only {
             return Err(Error::ReadOnly(

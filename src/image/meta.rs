@@ -63,6 +63,10 @@ pub(crate) struct Meta {
     /// Set when the in-memory metadata is in doubt (corruption found midway, an
     /// internal inconsistency): writes are refused until the image is reopened.
     pub broken: Option<String>,
+    /// The in-memory metadata may differ from the disk (a pointer write whose result
+    /// could not be read back): nothing more is written — no flush, no release, no
+    /// repair — until the image is reopened.
+    pub in_doubt: bool,
     /// Set when flushing the host file failed: the kernel may have dropped written
     /// pages, so no later flush can promise durability and writes are refused until
     /// the image is reopened (QEMU does the same).
@@ -231,6 +235,7 @@ impl Meta {
                 self.broken = Some(format!(
                     "writing {what} at {offset:#x} failed and its contents cannot be told: {e}"
                 ));
+                self.in_doubt = true;
                 Err(e)
             }
         }
@@ -241,6 +246,22 @@ impl Meta {
         let mut buf = self.header.serialize()?;
         buf.resize(self.cluster_size as usize, 0);
         self.write_host_as(Kind::Header as u16, "header", &buf, 0)
+    }
+
+    /// Rewrites the header cluster from `self.header`, switching from `old` (what the
+    /// disk holds): a failed write is read back to learn whether it landed (see
+    /// [`Meta::write_pointer`]); when it did not, `self.header` goes back to `old`.
+    pub fn switch_header(&mut self, old: &Header) -> Result<()> {
+        let cs = self.cluster_size as usize;
+        let mut new = self.header.serialize()?;
+        new.resize(cs, 0);
+        let mut was = old.serialize()?;
+        was.resize(cs, 0);
+        let result = self.write_pointer(Kind::Header as u16, "header", 0, &new, &was);
+        if result.is_err() && !self.in_doubt {
+            self.header = old.clone();
+        }
+        result
     }
 
     /// Rewrites header fields at `offset` (QEMU's way of switching a table pointer
@@ -272,6 +293,11 @@ impl Meta {
     /// consistent on disk. A failure leaves what was not written dirty (or pending),
     /// for the next flush to retry.
     pub fn flush_metadata(&mut self) -> Result<()> {
+        if self.in_doubt {
+            return Err(Error::Broken(
+                self.broken.clone().unwrap_or_default() + "; reopen the image",
+            ));
+        }
         self.release_orphans()?;
         self.flush_compressed_cache()?;
         self.write_dirty_refcount_blocks()?;

@@ -128,6 +128,7 @@ pub(crate) fn open_meta(
         preallocated_end: file_size,
         preallocated: None,
         broken: None,
+        in_doubt: false,
         flush_failed: None,
         snapshots: Default::default(),
         compress: super::compress::CompressState::new(if opts.read_only {
@@ -158,8 +159,9 @@ pub(crate) fn open_meta(
     if !meta.read_only && meta.header.version >= 3 && meta.header.autoclear_features != 0 {
         // We do not maintain what autoclear features describe (bitmaps), so, as QEMU
         // does for bits it does not know, clear them before the first write.
+        let old = meta.header.clone();
         meta.header.autoclear_features = 0;
-        meta.write_header()?;
+        meta.switch_header(&old)?;
         meta.sync()?;
     }
     Ok(meta)

@@ -125,6 +125,10 @@ impl Meta {
     /// on disk (an allocation that failed). Never fails: what cannot be released now
     /// is kept as an orphan and released by the next flush.
     pub(crate) fn release_unreferenced(&mut self, offset: u64, count: u64) {
+        if self.in_doubt {
+            // The disk may reference them after all: leaking is the safe side.
+            return;
+        }
         match self.adjust_refcounts(offset, count, false) {
             Ok(()) => {
                 // The last clusters of the file given back: it no longer needs them.
@@ -445,6 +449,9 @@ impl Meta {
                 }
                 self.place_refcount_blocks(&missing, start + count)?;
             }
+            if (start + count) << self.cluster_bits > 1u64 << 56 {
+                return Err(Error::NoSpace("host offsets would exceed 2^56".into()));
+            }
             // Whatever the refcounts say, live metadata is never handed out.
             self.check_overlap(start << self.cluster_bits, count << self.cluster_bits, 0)?;
             for cluster in start..start + count {
@@ -465,9 +472,6 @@ impl Meta {
             }
             let offset = start << self.cluster_bits;
             let end = offset + (count << self.cluster_bits);
-            if end > 1u64 << 56 {
-                return Err(Error::NoSpace("host offsets would exceed 2^56".into()));
-            }
             self.host_end = self.host_end.max(end);
             self.rc.free_hint = start + count;
             return Ok(offset);
@@ -519,24 +523,45 @@ impl Meta {
             }
             return Err(e);
         }
-        // Each entry switches on its own; a block whose entry fails stays unused (its
-        // cluster, if counted elsewhere, is given back).
-        for (index, cluster, data) in blocks {
+        // The entries switch one by one; the blocks may count each other, so a failure
+        // switches the ones already done back (and gives every block's cluster back).
+        let mut switched: Vec<(usize, u64)> = Vec::new();
+        for (index, cluster, _) in &blocks {
             let offset = cluster << self.cluster_bits;
-            let entry_off = self.header.refcount_table_offset + index as u64 * 8;
-            let switched = self.write_pointer(
+            let entry_off = self.header.refcount_table_offset + *index as u64 * 8;
+            let result = self.write_pointer(
                 Kind::RefcountTable as u16,
                 "refcount table entry",
                 entry_off,
                 &offset.to_be_bytes(),
                 &[0; 8],
             );
-            if let Err(e) = switched {
-                if counted.contains(&cluster) {
-                    self.release_unreferenced(offset, 1);
+            if let Err(e) = result {
+                for &(i, off) in switched.iter().rev() {
+                    let at = self.header.refcount_table_offset + i as u64 * 8;
+                    let back = self.write_pointer(
+                        Kind::RefcountTable as u16,
+                        "refcount table entry",
+                        at,
+                        &[0; 8],
+                        &off.to_be_bytes(),
+                    );
+                    if back.is_err() {
+                        // Half switched on disk: stop writing anything.
+                        self.broken = Some(format!("placing refcount blocks failed: {e}"));
+                        self.in_doubt = true;
+                        return Err(e);
+                    }
+                }
+                for &c in &counted {
+                    self.release_unreferenced(c << self.cluster_bits, 1);
                 }
                 return Err(e);
             }
+            switched.push((*index, offset));
+        }
+        for (index, cluster, data) in blocks {
+            let offset = cluster << self.cluster_bits;
             self.rc.table[index] = offset;
             self.overlaps
                 .add(offset >> self.cluster_bits, 1, Kind::RefcountBlock);

@@ -202,18 +202,15 @@ impl Meta {
         self.header.refcount_table_clusters = table_clusters as u32;
         self.header.refcount_order = order;
         self.header.incompatible_features &= !INCOMPAT_DIRTY;
-        if let Err(e) = self.write_header() {
-            self.header = old;
-            return Err(e);
-        }
+        self.switch_header(&old)?;
         self.rb_bits = rb_bits;
         self.host_end = self.host_end.max(end * cs);
-        self.sync()?;
         self.rc.table = table;
         self.rc.blocks = super::cache::TableCache::new(super::open::REFCOUNT_CACHE_BLOCKS);
         self.rc.free_hint = 0;
         self.rc.pending_frees.clear();
+        self.rc.orphans.clear();
         self.rebuild_metadata_index();
-        Ok(())
+        self.sync()
     }
 }

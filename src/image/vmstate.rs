@@ -204,8 +204,7 @@ fn write_state(meta: &Mutex<Meta>, data: &[u8], pos: u64) -> Result<()> {
         Err(e) => {
             // Nothing points to the clusters yet: give them back.
             for &(host, n) in &runs {
-                let released = m.update_refcounts(host, n, false);
-                judge(&mut m, released)?;
+                m.release_unreferenced(host, n);
             }
             Err(e)
         }
