@@ -99,8 +99,11 @@ test-header: build
 	    exit 1; \
 	fi
 
+# The fuzz regressions run again in a debug build too: arithmetic overflow panics
+# there, as under the fuzzer, instead of wrapping silently.
 test-rust:
 	$(CARGO) test --release --no-fail-fast
+	$(CARGO) test --test fuzz_regressions
 
 # Compile each tests/c/*.c against include/ and libcowdisk.so, run it under valgrind
 # (or AddressSanitizer when valgrind is not installed).

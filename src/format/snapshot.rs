@@ -195,7 +195,7 @@ fn validate_entry(e: &SnapshotEntry, i: u32, ctx: &TableContext) -> Result<()> {
         ));
     }
     if e.l1_size > 0 {
-        let end = e.l1_table_offset + e.l1_size as u64 * 8;
+        let end = e.l1_table_offset.saturating_add(e.l1_size as u64 * 8);
         if e.l1_table_offset == 0 || end > ctx.file_size {
             return Err(corrupt!(
                 "{} at {:#x} ({} entries) lies outside the file ({} bytes)",
