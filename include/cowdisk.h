@@ -146,6 +146,91 @@
 #define COWDISK_CHECK_REPAIR_ALL 2
 
 /**
+ * Write compressed clusters (qcow2 targets; `qemu-img convert -c`).
+ */
+#define COWDISK_CONVERT_COMPRESSED 1
+
+/**
+ * Write chunks as soon as they are ready instead of in guest order (`-W`).
+ */
+#define COWDISK_CONVERT_OUT_OF_ORDER 2
+
+/**
+ * Write into an existing target instead of creating it (`-n`).
+ */
+#define COWDISK_CONVERT_EXISTING_TARGET 4
+
+/**
+ * The existing target already reads as zeros (`--target-is-zero`, with `-n`).
+ */
+#define COWDISK_CONVERT_TARGET_IS_ZERO 8
+
+/**
+ * The source is a raw file (default: probed).
+ */
+#define COWDISK_CONVERT_SOURCE_RAW 16
+
+/**
+ * The target is a raw file (default: qcow2).
+ */
+#define COWDISK_CONVERT_TARGET_RAW 32
+
+/**
+ * Read the source with O_DIRECT (`-T none`).
+ */
+#define COWDISK_CONVERT_SOURCE_DIRECT 64
+
+/**
+ * Write the target with O_DIRECT (`-t none`).
+ */
+#define COWDISK_CONVERT_TARGET_DIRECT 128
+
+/**
+ * Open the source even while another process writes it (`-U`).
+ */
+#define COWDISK_CONVERT_FORCE_SHARE 256
+
+/**
+ * No zero detection: every byte is copied as data (`-S 0`).
+ */
+#define COWDISK_CONVERT_NO_SPARSE 512
+
+/**
+ * The source is a qcow2 image (default: probed).
+ */
+#define COWDISK_CONVERT_SOURCE_QCOW2 1024
+
+/**
+ * A size difference is a difference (`qemu-img compare -s`).
+ */
+#define COWDISK_COMPARE_STRICT 1
+
+/**
+ * The first image is raw (default: probed).
+ */
+#define COWDISK_COMPARE_FIRST_RAW 2
+
+/**
+ * The second image is raw (default: probed).
+ */
+#define COWDISK_COMPARE_SECOND_RAW 4
+
+/**
+ * Open the images even while other processes write them (`-U`).
+ */
+#define COWDISK_COMPARE_FORCE_SHARE 8
+
+/**
+ * Keep the top image's data after a commit (`qemu-img commit -d`).
+ */
+#define COWDISK_COMMIT_KEEP 1
+
+/**
+ * Only change the backing file name, copying nothing (`qemu-img rebase -u`).
+ */
+#define COWDISK_REBASE_UNSAFE 1
+
+/**
  * An open qcow2 image. Opaque; created by `cowdisk_open()`, freed by `cowdisk_close()`.
  *
  * Thread-safety: every function taking a `cowdisk *` may be called from any number of
@@ -383,6 +468,67 @@ typedef struct cowdisk_amend_opts {
    */
   uint32_t refcount_bits;
 } cowdisk_amend_opts;
+
+/**
+ * Progress of a long call: `done` of `total` bytes. Called on the thread that made
+ * the call (never on a worker thread), at least once at the start and once at the
+ * end, with `done` never going backwards. Return 0 to go on, non-zero to cancel:
+ * the call then stops its workers and returns `-ECANCELED`.
+ */
+typedef int (*cowdisk_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+/**
+ * Options of `cowdisk_convert()`. Zero fields mean "default" (qemu-img's).
+ */
+typedef struct cowdisk_convert_opts {
+  /**
+   * Set to `sizeof(cowdisk_convert_opts)`.
+   */
+  uint32_t struct_size;
+  /**
+   * `COWDISK_CONVERT_*` flags.
+   */
+  uint32_t flags;
+  /**
+   * Worker threads, 1 to 16 (0 = 8).
+   */
+  uint32_t workers;
+  /**
+   * Reserved, set to 0.
+   */
+  uint32_t reserved;
+  /**
+   * Zero runs of at least this many bytes inside data are not written as data
+   * (0 = 4096; `COWDISK_CONVERT_NO_SPARSE` turns zero detection off).
+   */
+  uint64_t min_sparse;
+  /**
+   * Options of a new qcow2 target, or NULL for the defaults. Its backing file, if
+   * any, is used as `backing_file` below. Borrowed for the call only.
+   */
+  const struct cowdisk_create_opts *create;
+  /**
+   * Id or name of an internal snapshot of the source to convert, or NULL.
+   */
+  const char *snapshot;
+  /**
+   * Backing file of the new target (`-B`): only what the source's top image
+   * allocates is copied. NULL for none.
+   */
+  const char *backing_file;
+  /**
+   * Format of `backing_file` ("qcow2" or "raw"; NULL = probe).
+   */
+  const char *backing_format;
+  /**
+   * Progress callback, or NULL.
+   */
+  cowdisk_progress_fn progress;
+  /**
+   * Passed to `progress`.
+   */
+  void *opaque;
+} cowdisk_convert_opts;
 
 /**
  * Options for [`cowdisk_snapshot_create`]. A zero-filled struct records a disk-only
@@ -697,6 +843,81 @@ int cowdisk_amend(struct cowdisk *img, const struct cowdisk_amend_opts *opts);
  * `img` must be a live handle; `buf` must be valid for `len` readable bytes.
  */
 int cowdisk_pwrite_compressed(struct cowdisk *img, const void *buf, size_t len, uint64_t offset);
+
+/**
+ * Converts the image at `src` (qcow2 with its backing chain, or raw) into `dst`, as
+ * `qemu-img convert` does: N workers read in parallel, zero runs are skipped or
+ * written as zeros, writes reach the target in guest order unless
+ * `COWDISK_CONVERT_OUT_OF_ORDER`, and the target is flushed once at the end.
+ *
+ * A new target (the default) replaces any file at `dst`; a failed or cancelled
+ * convert removes it. An existing target (`COWDISK_CONVERT_EXISTING_TARGET`) keeps
+ * what was written before a failure, and the message says so.
+ *
+ * Errors: `-ECANCELED` when the progress callback asked to stop, `-EINVAL` for bad
+ * options, `-EBUSY` when another process holds an image, host errors (`-ENOSPC`,
+ * `-EIO`, ...) as their errno; the message names what failed. Thread-safe: several
+ * converts may run at once on different files.
+ *
+ * # Safety
+ * `src` and `dst` must be valid NUL-terminated strings, `opts` NULL or valid (its
+ * callback, if any, callable with its `opaque` until the call returns).
+ */
+int cowdisk_convert(const char *src, const char *dst, const struct cowdisk_convert_opts *opts);
+
+/**
+ * Compares what the images at `a` and `b` read (qcow2 with their chains, or raw),
+ * reading both in parallel. Returns 0 when identical (the larger image's extra part
+ * reads as zeros), 1 when they differ — `*mismatch` (if not NULL) is then the offset
+ * of the 512-byte sector holding the first difference, as `qemu-img compare`
+ * reports it, or the smaller size in strict mode when the sizes differ — or a
+ * negative errno. Thread-safe.
+ *
+ * # Safety
+ * `a` and `b` must be valid NUL-terminated strings; `mismatch` NULL or valid.
+ */
+int cowdisk_compare(const char *a, const char *b, uint32_t flags, uint64_t *mismatch);
+
+/**
+ * Commits the image at `path` into `base` (NULL: its backing file), as `qemu-img
+ * commit` does: what the layers above the base allocate is copied into it, the base
+ * is flushed, and then — when `base` is NULL and without `COWDISK_COMMIT_KEEP` —
+ * the image is emptied so it reads through its backing file. `progress` (may be
+ * NULL) is called on this thread and may cancel (`-ECANCELED`; the base keeps what
+ * was written, which the top still holds too).
+ *
+ * Errors: `-EINVAL` when there is no backing file or `base` is not in the chain,
+ * `-EBUSY` when another process holds an image, host errors as their errno.
+ *
+ * # Safety
+ * `path` must be a valid NUL-terminated string, `base` NULL or one; `progress`
+ * NULL or callable with `opaque`.
+ */
+int cowdisk_commit(const char *path,
+                   const char *base,
+                   uint32_t flags,
+                   cowdisk_progress_fn progress,
+                   void *opaque);
+
+/**
+ * Rebases the image at `path` onto `backing` (NULL or "": no backing file; relative
+ * names resolve against the image's folder; `backing_format` "qcow2", "raw" or NULL
+ * to probe), as `qemu-img rebase` does: every cluster the image does not allocate
+ * itself that reads differently through the new backing file is written into the
+ * image first, then the header names the new file. `COWDISK_REBASE_UNSAFE` only
+ * renames. `progress` (may be NULL) is called on this thread and may cancel
+ * (`-ECANCELED`: the image still names its old backing file and reads as before).
+ *
+ * # Safety
+ * `path` must be a valid NUL-terminated string, `backing` and `backing_format` NULL
+ * or valid strings; `progress` NULL or callable with `opaque`.
+ */
+int cowdisk_rebase(const char *path,
+                   const char *backing,
+                   const char *backing_format,
+                   uint32_t flags,
+                   cowdisk_progress_fn progress,
+                   void *opaque);
 
 /**
  * Returns the message of the last failed cowdisk call on this thread ("" if none).

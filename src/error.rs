@@ -47,6 +47,9 @@ pub enum Error {
     /// with this open (see `io::lock`).
     #[error("{0}")]
     Busy(String),
+    /// The caller cancelled a long operation (a progress callback asked to stop).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 /// Shorthand for results carrying [`Error`].
@@ -58,6 +61,53 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A copy of this error (OS errors keep their code), for reporting one failure
+    /// to several callers.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::NotQcow2(m) => Error::NotQcow2(m.clone()),
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::ReadOnly(m) => Error::ReadOnly(m.clone()),
+            Error::NoSpace(m) => Error::NoSpace(m.clone()),
+            Error::ChainTooDeep(m) => Error::ChainTooDeep(m.clone()),
+            Error::Broken(m) => Error::Broken(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::Busy(m) => Error::Busy(m.clone()),
+            Error::Cancelled(m) => Error::Cancelled(m.clone()),
+        }
+    }
+
+    /// The same error (same kind, same errno) with `note` added to its message.
+    pub fn with_note(self, note: &str) -> Error {
+        let add = |m: String| format!("{m} ({note})");
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: add(context),
+                source,
+            },
+            Error::NotQcow2(m) => Error::NotQcow2(add(m)),
+            Error::Corrupt(m) => Error::Corrupt(add(m)),
+            Error::Unsupported(m) => Error::Unsupported(add(m)),
+            Error::InvalidArgument(m) => Error::InvalidArgument(add(m)),
+            Error::ReadOnly(m) => Error::ReadOnly(add(m)),
+            Error::NoSpace(m) => Error::NoSpace(add(m)),
+            Error::ChainTooDeep(m) => Error::ChainTooDeep(add(m)),
+            Error::Broken(m) => Error::Broken(add(m)),
+            Error::NotFound(m) => Error::NotFound(add(m)),
+            Error::Busy(m) => Error::Busy(add(m)),
+            Error::Cancelled(m) => Error::Cancelled(add(m)),
         }
     }
 
@@ -75,6 +125,7 @@ impl Error {
             Error::Broken(_) => libc::EIO,
             Error::NotFound(_) => libc::ENOENT,
             Error::Busy(_) => libc::EBUSY,
+            Error::Cancelled(_) => libc::ECANCELED,
         }
     }
 }

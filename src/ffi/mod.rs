@@ -13,6 +13,7 @@
 
 mod check;
 mod compress;
+mod convert;
 mod errors;
 mod options;
 mod snapshot;
@@ -28,6 +29,15 @@ pub use check::{
     COWDISK_CHECK_REPAIR_ALL, COWDISK_CHECK_REPAIR_LEAKS,
 };
 pub use compress::cowdisk_pwrite_compressed;
+pub use convert::{
+    cowdisk_commit, cowdisk_compare, cowdisk_convert, cowdisk_convert_opts, cowdisk_progress_fn,
+    cowdisk_rebase, COWDISK_COMMIT_KEEP, COWDISK_COMPARE_FIRST_RAW, COWDISK_COMPARE_FORCE_SHARE,
+    COWDISK_COMPARE_SECOND_RAW, COWDISK_COMPARE_STRICT, COWDISK_CONVERT_COMPRESSED,
+    COWDISK_CONVERT_EXISTING_TARGET, COWDISK_CONVERT_FORCE_SHARE, COWDISK_CONVERT_NO_SPARSE,
+    COWDISK_CONVERT_OUT_OF_ORDER, COWDISK_CONVERT_SOURCE_DIRECT, COWDISK_CONVERT_SOURCE_QCOW2,
+    COWDISK_CONVERT_SOURCE_RAW, COWDISK_CONVERT_TARGET_DIRECT, COWDISK_CONVERT_TARGET_IS_ZERO,
+    COWDISK_CONVERT_TARGET_RAW, COWDISK_REBASE_UNSAFE,
+};
 pub use errors::{cowdisk_last_error, cowdisk_strerror, cowdisk_version};
 pub use options::{cowdisk_create_opts, cowdisk_info, cowdisk_open_opts};
 pub use snapshot::{

@@ -90,7 +90,7 @@ pub struct cowdisk_info {
 ///
 /// # Safety
 /// `ptr` must be NULL or point to at least `struct_size` readable bytes.
-unsafe fn read_versioned<T: Copy>(ptr: *const T, name: &str) -> Result<Option<T>> {
+pub(super) unsafe fn read_versioned<T: Copy>(ptr: *const T, name: &str) -> Result<Option<T>> {
     if ptr.is_null() {
         return Ok(None);
     }
@@ -108,7 +108,7 @@ unsafe fn read_versioned<T: Copy>(ptr: *const T, name: &str) -> Result<Option<T>
 
 /// # Safety
 /// `s` must be NULL or a valid NUL-terminated string.
-unsafe fn opt_string(s: *const c_char, what: &str) -> Result<Option<String>> {
+pub(super) unsafe fn opt_string(s: *const c_char, what: &str) -> Result<Option<String>> {
     if s.is_null() {
         return Ok(None);
     }

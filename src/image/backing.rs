@@ -81,6 +81,7 @@ impl Backing {
             "qcow2" => {
                 let mut o = opts.clone();
                 o.read_only = true;
+                o.snapshot = None;
                 let img = Image::open_chain(&path, &o, depth_left - 1).map_err(|e| match e {
                     Error::Io { context, source } => Error::Io {
                         context: format!("backing file '{}': {context}", path.display()),
@@ -96,6 +97,7 @@ impl Backing {
                 })?;
                 let mut o = opts.clone();
                 o.read_only = true;
+                o.snapshot = None;
                 super::lock_image_file(&storage, &path, &o)?;
                 let size = storage
                     .len()

@@ -706,22 +706,7 @@ impl super::Image {
     /// one that does not compress to less than a cluster minus one byte is stored as
     /// a normal cluster.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let (cs, kind) = {
-            let mut meta = self.lock()?;
-            meta.check_writable()?;
-            super::Image::check_range(&meta, buf.len(), offset, "compressed write")?;
-            let cs = meta.cluster_size;
-            let end = offset + buf.len() as u64;
-            if !offset.is_multiple_of(cs) || !(end.is_multiple_of(cs) || end == meta.header.size) {
-                return Err(Error::InvalidArgument(format!(
-                    "compressed writes must cover whole clusters of {cs} bytes (only the \
-                     image's last cluster may be partial): {} bytes at offset {offset}",
-                    buf.len()
-                )));
-            }
-            meta.check_compressed_targets(offset, (buf.len() as u64).div_ceil(cs) * cs)?;
-            (cs, meta.compression_type())
-        };
+        let (cs, kind) = self.compressed_write_check(buf.len() as u64, offset)?;
         let per_batch = (BATCH_BYTES / cs).max(1) as usize * cs as usize;
         for (b, chunk) in buf.chunks(per_batch).enumerate() {
             let at = offset + (b * per_batch) as u64;
@@ -747,6 +732,155 @@ impl super::Image {
             })?;
         }
         Ok(())
+    }
+}
+
+/// A compressor a caller keeps for many calls of [`super::Image::compress_clusters`]
+/// (one per thread), so compression contexts are built once, not per batch.
+pub struct ClusterCompressor {
+    kind: CompressionType,
+    inner: Compressor,
+}
+
+impl ClusterCompressor {
+    /// A compressor for clusters of images with compression type `kind`.
+    pub fn new(kind: CompressionType) -> Result<ClusterCompressor> {
+        Ok(ClusterCompressor {
+            kind,
+            inner: Compressor::new(kind)?,
+        })
+    }
+}
+
+/// Whole clusters compressed ahead of storing them: made by
+/// [`super::Image::compress_clusters`] on any thread, stored by
+/// [`super::Image::store_compressed_clusters`].
+pub struct CompressedClusters {
+    offset: u64,
+    /// Per cluster: its compressed form, or its raw bytes when it did not shrink.
+    clusters: Vec<std::result::Result<Vec<u8>, Vec<u8>>>,
+}
+
+impl CompressedClusters {
+    /// Guest offset of the first cluster.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Number of clusters.
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// True when there are no clusters.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
+    /// Bytes the compressed forms take (raw clusters count whole).
+    pub fn stored_bytes(&self) -> u64 {
+        self.clusters
+            .iter()
+            .map(|c| match c {
+                Ok(v) | Err(v) => v.len() as u64,
+            })
+            .sum()
+    }
+}
+
+impl super::Image {
+    /// Checks that `len` bytes at guest `offset` can be written compressed: in range,
+    /// whole clusters (the last cluster of the disk may be partial), every target
+    /// cluster unallocated or zero without a host cluster. Returns the cluster size
+    /// and the image's compression type.
+    fn compressed_write_check(&self, len: u64, offset: u64) -> Result<(u64, CompressionType)> {
+        let mut meta = self.lock()?;
+        meta.check_writable()?;
+        super::Image::check_range64(&meta, len, offset, "compressed write")?;
+        let cs = meta.cluster_size;
+        let end = offset + len;
+        if !offset.is_multiple_of(cs) || !(end.is_multiple_of(cs) || end == meta.header.size) {
+            return Err(Error::InvalidArgument(format!(
+                "compressed writes must cover whole clusters of {cs} bytes (only the \
+                 image's last cluster may be partial): {len} bytes at offset {offset}"
+            )));
+        }
+        meta.check_compressed_targets(offset, len.div_ceil(cs) * cs)?;
+        Ok((cs, meta.compression_type()))
+    }
+
+    /// Compresses `buf`, meant for guest `offset`, on the calling thread with
+    /// `compressor`, without holding the image lock: the first half of
+    /// [`super::Image::write_compressed`], for callers that compress on threads of
+    /// their own and store in an order they choose (the copy engine's workers). The
+    /// same rules as `write_compressed` apply and are checked now and again when
+    /// storing.
+    pub fn compress_clusters(
+        &self,
+        compressor: &mut ClusterCompressor,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<CompressedClusters> {
+        let (cs, kind) = self.compressed_write_check(buf.len() as u64, offset)?;
+        if kind != compressor.kind {
+            compressor.inner = Compressor::new(kind)?;
+            compressor.kind = kind;
+        }
+        let cs = cs as usize;
+        let mut clusters = Vec::with_capacity(buf.len().div_ceil(cs));
+        let mut padded = Vec::new();
+        for raw in buf.chunks(cs) {
+            let input = if raw.len() < cs {
+                padded.clear();
+                padded.extend_from_slice(raw);
+                padded.resize(cs, 0);
+                &padded[..]
+            } else {
+                raw
+            };
+            clusters.push(match compressor.inner.compress(input, cs - 1)? {
+                Some(c) => Ok(c),
+                None => Err(raw.to_vec()),
+            });
+        }
+        Ok(CompressedClusters { offset, clusters })
+    }
+
+    /// Stores clusters compressed by [`super::Image::compress_clusters`] (all or
+    /// nothing, as `write_compressed`). Their targets must still be unallocated.
+    pub fn store_compressed_clusters(&self, prepared: &CompressedClusters) -> Result<()> {
+        if prepared.clusters.is_empty() {
+            return Ok(());
+        }
+        let raw: Vec<&[u8]> = prepared
+            .clusters
+            .iter()
+            .map(|c| match c {
+                Ok(_) => &[][..],
+                Err(r) => &r[..],
+            })
+            .collect();
+        let compressed: Vec<Option<Vec<u8>>> = prepared
+            .clusters
+            .iter()
+            .map(|c| c.as_ref().ok().cloned())
+            .collect();
+        self.modify("a compressed write", |meta| {
+            let cs = meta.cluster_size;
+            let len = prepared.clusters.len() as u64 * cs;
+            let size = meta.header.size;
+            if prepared
+                .offset
+                .checked_add(len)
+                .is_none_or(|end| end - cs >= size)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "compressed clusters at offset {} lie past the virtual size {size}",
+                    prepared.offset
+                )));
+            }
+            meta.write_compressed_clusters(prepared.offset, &raw, &compressed)
+        })
     }
 }
 

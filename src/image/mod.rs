@@ -11,6 +11,7 @@ mod cluster;
 mod compress;
 mod create;
 mod inflight;
+mod layers;
 mod meta;
 mod open;
 mod options;
@@ -28,7 +29,7 @@ mod zero;
 
 pub use amend::AmendOptions;
 pub use check::{CheckReport, Progress, Repair};
-pub use compress::DEFAULT_COMPRESSED_CACHE_SIZE;
+pub use compress::{ClusterCompressor, CompressedClusters, DEFAULT_COMPRESSED_CACHE_SIZE};
 pub use options::*;
 pub use snapshot::{SnapshotInfo, SnapshotOptions, MAX_SNAPSHOT_NAME};
 pub use status::Extent;

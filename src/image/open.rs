@@ -146,6 +146,9 @@ pub(crate) fn open_meta(
 
     meta.snapshots = meta.read_snapshot_table()?;
     meta.rebuild_metadata_index();
+    if let Some(name) = &opts.snapshot {
+        meta.view_snapshot(name.as_bytes())?;
+    }
     if marked_corrupt && !meta.read_only {
         meta.broken =
             Some("the image is marked corrupt; repair it with `check -r all` first".into());

@@ -98,6 +98,10 @@ pub struct OpenOptions {
     /// image corrupt) one that would overwrite it (see `overlap.rs`). Turning it off
     /// is QEMU's `overlap-check=none`: only for measuring what the checks cost.
     pub overlap_checks: bool,
+    /// Read-only opens only: show the disk as the internal snapshot with this id or
+    /// name recorded it (its contents and size) instead of the active image, as
+    /// `qemu-img convert -l` does.
+    pub snapshot: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -114,6 +118,7 @@ impl Default for OpenOptions {
             locking: true,
             check: false,
             overlap_checks: true,
+            snapshot: None,
         }
     }
 }

@@ -295,6 +295,35 @@ impl Meta {
         self.find_snapshot(id_or_name).map(|_| ())
     }
 
+    /// Turns this read-only handle into a view of an internal snapshot: reads see the
+    /// disk as the snapshot recorded it (its L1 table and disk size), as
+    /// `qemu-img convert -l` reads it. Nothing on disk changes.
+    pub(crate) fn view_snapshot(&mut self, id_or_name: &[u8]) -> Result<()> {
+        if !self.read_only {
+            return Err(Error::InvalidArgument(
+                "an internal snapshot can only be opened read-only".into(),
+            ));
+        }
+        let sn = self.snapshots.entries[self.find_snapshot(id_or_name)?].clone();
+        let mut sn_l1 = self.read_l1_table("snapshot L1 table", sn.l1_table_offset, sn.l1_size)?;
+        let needed = sn.disk_size.div_ceil(self.l1_span());
+        if (sn.l1_size as u64) < needed {
+            return Err(corrupt!(
+                "snapshot '{}' has an L1 table of {} entries, too small for its disk size {}",
+                String::from_utf8_lossy(&sn.id),
+                sn.l1_size,
+                sn.disk_size
+            ));
+        }
+        for &e in &sn_l1 {
+            entry::l1_table_offset(e, self.cluster_bits)?;
+        }
+        sn_l1.truncate(needed as usize);
+        self.l1 = sn_l1;
+        self.header.size = sn.disk_size;
+        Ok(())
+    }
+
     /// Makes the active image what the snapshot recorded (see [`Image::snapshot_goto`]),
     /// in one metadata transaction: the active L1 shares the snapshot's L2 tables
     /// (copies where their COPIED flags would claim sole ownership), and the old

@@ -36,29 +36,6 @@ pub const MAX_WORKERS: usize = 8;
 /// Smallest VM state buffer (and read-ahead) size.
 pub const MIN_CHUNK: usize = 1 << 20;
 
-/// A copy of an error, for reporting one failure to several callers.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: context.clone(),
-            source: match source.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(source.kind(), source.to_string()),
-            },
-        },
-        Error::NotQcow2(m) => Error::NotQcow2(m.clone()),
-        Error::Corrupt(m) => Error::Corrupt(m.clone()),
-        Error::Unsupported(m) => Error::Unsupported(m.clone()),
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::ReadOnly(m) => Error::ReadOnly(m.clone()),
-        Error::NoSpace(m) => Error::NoSpace(m.clone()),
-        Error::ChainTooDeep(m) => Error::ChainTooDeep(m.clone()),
-        Error::Broken(m) => Error::Broken(m.clone()),
-        Error::NotFound(m) => Error::NotFound(m.clone()),
-        Error::Busy(m) => Error::Busy(m.clone()),
-    }
-}
-
 fn lock_meta(meta: &Mutex<Meta>) -> Result<MutexGuard<'_, Meta>> {
     meta.lock()
         .map_err(|_| Error::Broken("an earlier call panicked while updating the image".into()))
@@ -250,12 +227,12 @@ impl Pool {
     }
 
     fn error(&self) -> Option<Error> {
-        self.lock().error.as_ref().map(clone_error)
+        self.lock().error.as_ref().map(Error::duplicate)
     }
 
     fn set_error(&self, e: Error) -> Error {
         let mut st = self.lock();
-        let copy = clone_error(&e);
+        let copy = e.duplicate();
         st.error.get_or_insert(e);
         self.changed.notify_all();
         copy
@@ -279,7 +256,7 @@ impl Pool {
     ) -> Result<MutexGuard<'a, PoolState>> {
         loop {
             if let Some(e) = &st.error {
-                return Err(clone_error(e));
+                return Err(e.duplicate());
             }
             let cs = self.cluster_size;
             let busy = st.in_flight.iter().any(|&r| overlaps(r, range, cs))
@@ -330,7 +307,7 @@ impl Pool {
         }
         st.spare.clear();
         match &st.error {
-            Some(e) => Err(clone_error(e)),
+            Some(e) => Err(e.duplicate()),
             None => Ok(()),
         }
     }

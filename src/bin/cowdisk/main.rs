@@ -12,6 +12,8 @@ mod bench;
 mod blocks;
 /// `cowdisk check`.
 mod check;
+/// `cowdisk convert`, `compare`, `measure`, `commit` and `rebase`.
+mod copy;
 /// `cowdisk create`.
 mod create;
 /// `cowdisk info`.
@@ -69,6 +71,18 @@ enum Command {
     /// Change an image's version, lazy refcounts or refcount width in place (like
     /// `qemu-img amend`).
     Amend(amend::AmendArgs),
+    /// Copy an image into a new or existing qcow2 or raw image, in parallel (like
+    /// `qemu-img convert`).
+    Convert(copy::ConvertArgs),
+    /// Compare the contents of two images (like `qemu-img compare`; exit 0
+    /// identical, 1 different, 2 error).
+    Compare(copy::CompareArgs),
+    /// Compute the size an image needs (like `qemu-img measure`).
+    Measure(copy::MeasureArgs),
+    /// Copy an image's data into its backing file (like `qemu-img commit`).
+    Commit(copy::CommitArgs),
+    /// Change an image's backing file, keeping what it reads (like `qemu-img rebase`).
+    Rebase(copy::RebaseArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -179,6 +193,17 @@ fn main() -> ExitCode {
         Command::BenchVmstate(args) => bench::run_vmstate(args),
         Command::Snapshot(args) => snapshot::run(args),
         Command::Amend(args) => amend::run(args),
+        Command::Convert(args) => copy::run_convert(args),
+        Command::Measure(args) => copy::run_measure(args),
+        Command::Commit(args) => copy::run_commit(args),
+        Command::Rebase(args) => copy::run_rebase(args),
+        Command::Compare(args) => match copy::run_compare(args) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => {
+                eprintln!("cowdisk: {e}");
+                return ExitCode::from(2);
+            }
+        },
         Command::Check(args) => match check::run(args) {
             Ok(code) => return ExitCode::from(code),
             Err(e) => Err(e),
