@@ -66,6 +66,9 @@ pub struct FaultStorage {
     /// Microseconds every read / write sleeps before reaching the inner storage.
     read_delay_us: AtomicU64,
     write_delay_us: AtomicU64,
+    reads_seen: AtomicU64,
+    /// The one read (by count) that fails, `u64::MAX` for none.
+    fail_read_at: AtomicU64,
 }
 
 impl FaultStorage {
@@ -85,7 +88,15 @@ impl FaultStorage {
             failures: AtomicU64::new(0),
             read_delay_us: AtomicU64::new(0),
             write_delay_us: AtomicU64::new(0),
+            reads_seen: AtomicU64::new(0),
+            fail_read_at: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Makes the `n`-th read from now (0 = the next) fail with `EIO`, once.
+    pub fn fail_one_read(&self, n: u64) {
+        let seen = self.reads_seen.load(Ordering::SeqCst);
+        self.fail_read_at.store(seen + n, Ordering::SeqCst);
     }
 
     /// Makes every later read and write sleep `read` and `write` before reaching the
@@ -210,6 +221,12 @@ impl Storage for FaultStorage {
             len: buf.len() as u64,
         });
         FaultStorage::sleep(&self.read_delay_us);
+        if self.reads_seen.fetch_add(1, Ordering::SeqCst)
+            == self.fail_read_at.load(Ordering::SeqCst)
+        {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.read_at(buf, offset)
     }
 
