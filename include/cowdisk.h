@@ -201,6 +201,12 @@
 #define COWDISK_CONVERT_SOURCE_QCOW2 1024
 
 /**
+ * Never flush the target (`-t unsafe`, qemu-img convert's default): the copy is not
+ * durable when the call returns. Without it the target is flushed once at the end.
+ */
+#define COWDISK_CONVERT_TARGET_NO_FLUSH 2048
+
+/**
  * A size difference is a difference (`qemu-img compare -s`).
  */
 #define COWDISK_COMPARE_STRICT 1

@@ -371,7 +371,10 @@ fn logged_raw_target(size: u64) -> (Arc<FaultStorage>, Arc<Target>) {
     let mem: Arc<dyn Storage> = Arc::new(MemStorage::new());
     mem.set_len(size).unwrap();
     let fault = Arc::new(FaultStorage::new(mem));
-    let target = Arc::new(Target::Raw(fault.clone() as Arc<dyn Storage>));
+    let target = Arc::new(Target::Raw {
+        storage: fault.clone() as Arc<dyn Storage>,
+        no_flush: false,
+    });
     (fault, target)
 }
 

@@ -89,7 +89,7 @@ pub fn commit(
     if base.size()? < top.size() {
         match &base {
             Target::Qcow2(img) => img.resize(top.size(), false)?,
-            Target::Raw(s) => s
+            Target::Raw { storage: s, .. } => s
                 .set_len(top.size())
                 .map_err(|e| Error::io(format!("growing '{}'", base_path.display()), e))?,
         }
@@ -271,14 +271,15 @@ fn rewrite_differences(
         let spawned = std::thread::Builder::new()
             .name(format!("cowdisk-rebase-{i}"))
             .spawn(move || {
-                let mut old = vec![0u8; chunk as usize];
-                let mut newb = vec![0u8; chunk as usize];
+                let mut old_buf = super::copy::AlignedBuf::new(chunk as usize);
+                let mut new_buf = super::copy::AlignedBuf::new(chunk as usize);
+                let (old, newb) = (old_buf.as_mut_slice(), new_buf.as_mut_slice());
                 while !worker.failed() {
                     let k = worker.next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(&(start, len)) = worker.items.get(k) else {
                         return;
                     };
-                    match rebase_chunk(&img, new.as_deref(), start, len, cs, &mut old, &mut newb) {
+                    match rebase_chunk(&img, new.as_deref(), start, len, cs, old, newb) {
                         Ok(n) => {
                             worker.written.fetch_add(n, Ordering::Relaxed);
                             worker.done.fetch_add(len, Ordering::Relaxed);

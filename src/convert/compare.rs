@@ -91,8 +91,9 @@ pub fn compare_sources(
         let spawned = std::thread::Builder::new()
             .name(format!("cowdisk-compare-{i}"))
             .spawn(move || {
-                let mut ba = vec![0u8; CHUNK_SIZE as usize];
-                let mut bb = vec![0u8; CHUNK_SIZE as usize];
+                let mut bufa = super::copy::AlignedBuf::new(CHUNK_SIZE as usize);
+                let mut bufb = super::copy::AlignedBuf::new(CHUNK_SIZE as usize);
+                let (ba, bb) = (bufa.as_mut_slice(), bufb.as_mut_slice());
                 loop {
                     let start = next
                         .fetch_add(1, Ordering::Relaxed)
@@ -105,7 +106,7 @@ pub fn compare_sources(
                         return;
                     }
                     let len = CHUNK_SIZE.min(end - start);
-                    match compare_chunk(&a, &b, start, len, &mut ba, &mut bb) {
+                    match compare_chunk(&a, &b, start, len, ba, bb) {
                         Ok(Some(at)) => {
                             first_diff.fetch_min(at, Ordering::Relaxed);
                         }

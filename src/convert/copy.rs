@@ -223,7 +223,8 @@ fn watch(shared: &Shared, total: u64, mut progress: Option<&mut ProgressFn<'_>>)
 /// One worker: take chunks until the cursor is empty or the copy stops.
 fn work(shared: &Shared) -> Result<()> {
     let rules = shared.rules;
-    let mut buf = vec![0u8; rules.chunk as usize];
+    let mut buffer = AlignedBuf::new(rules.chunk as usize);
+    let buf = buffer.as_mut_slice();
     let mut compressor = match (rules.compressed, &*shared.target) {
         (true, Target::Qcow2(img)) => Some(ClusterCompressor::new(img.info().compression_type)?),
         _ => None,
@@ -239,11 +240,11 @@ fn work(shared: &Shared) -> Result<()> {
                 None => return Ok(()),
             }
         };
-        let prepared = prepare(shared, &chunk, &mut buf, compressor.as_mut())?;
+        let prepared = prepare(shared, &chunk, buf, compressor.as_mut())?;
         if !wait_turn(shared, &chunk) {
             return Ok(());
         }
-        let written = write(shared, &chunk, &buf, &prepared);
+        let written = write(shared, &chunk, buf, &prepared);
         let mut st = shared.lock();
         st.writing -= 1;
         if !rules.out_of_order {
@@ -256,6 +257,30 @@ fn work(shared: &Shared) -> Result<()> {
         r.data_bytes += prepared.data_bytes;
         r.zeroed_bytes += prepared.zeroed_bytes;
         r.skipped_zero_bytes += prepared.skipped_bytes;
+    }
+}
+
+/// A page-aligned buffer: copies between the page cache and a buffer whose address
+/// is not page-aligned run several times slower in the kernel (measured: reads of
+/// 2 MiB chunks took 5× the CPU time of qemu-img's aligned ones).
+pub(crate) struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes starting on a 4 KiB boundary.
+    pub(crate) fn new(len: usize) -> AlignedBuf {
+        const ALIGN: usize = 4096;
+        let raw = vec![0u8; len + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        AlignedBuf { raw, start, len }
+    }
+
+    /// The buffer.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
     }
 }
 

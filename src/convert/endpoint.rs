@@ -66,6 +66,8 @@ pub struct OpenSpec {
     pub snapshot: Option<String>,
     /// Read-only opens: let other processes write the image meanwhile (`-U`).
     pub force_share: bool,
+    /// Targets: never flush the file (`-t unsafe`, see `OpenOptions::no_flush`).
+    pub no_flush: bool,
 }
 
 /// Where guest bytes come from.
@@ -205,7 +207,12 @@ pub enum Target {
     /// A qcow2 image.
     Qcow2(Image),
     /// A raw file.
-    Raw(Arc<dyn Storage>),
+    Raw {
+        /// The file.
+        storage: Arc<dyn Storage>,
+        /// Never flush it (`-t unsafe`).
+        no_flush: bool,
+    },
 }
 
 impl Target {
@@ -219,6 +226,7 @@ impl Target {
             Format::Qcow2 => {
                 let opts = OpenOptions {
                     direct: spec.direct,
+                    no_flush: spec.no_flush,
                     ..OpenOptions::default()
                 };
                 Ok(Target::Qcow2(Image::open(path, &opts)?))
@@ -226,7 +234,10 @@ impl Target {
             Format::Raw => {
                 let storage = FileStorage::open(path, true, spec.direct)
                     .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
-                Ok(Target::Raw(Arc::new(storage)))
+                Ok(Target::Raw {
+                    storage: Arc::new(storage),
+                    no_flush: spec.no_flush,
+                })
             }
         }
     }
@@ -235,7 +246,7 @@ impl Target {
     pub fn size(&self) -> Result<u64> {
         match self {
             Target::Qcow2(img) => Ok(img.size()),
-            Target::Raw(s) => s
+            Target::Raw { storage: s, .. } => s
                 .len()
                 .map_err(|e| Error::io("reading the size of the raw target", e)),
         }
@@ -247,7 +258,7 @@ impl Target {
     pub fn granularity(&self) -> u64 {
         match self {
             Target::Qcow2(img) => u64::from(img.info().cluster_size),
-            Target::Raw(_) => 4096,
+            Target::Raw { .. } => 4096,
         }
     }
 
@@ -255,7 +266,7 @@ impl Target {
     pub fn has_backing(&self) -> bool {
         match self {
             Target::Qcow2(img) => img.info().backing_file.is_some(),
-            Target::Raw(_) => false,
+            Target::Raw { .. } => false,
         }
     }
 
@@ -263,7 +274,7 @@ impl Target {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         match self {
             Target::Qcow2(img) => img.write_at(buf, offset),
-            Target::Raw(s) => s
+            Target::Raw { storage: s, .. } => s
                 .write_at(buf, offset)
                 .map_err(|e| Error::io(format!("writing the raw target at {offset:#x}"), e)),
         }
@@ -275,7 +286,7 @@ impl Target {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         match self {
             Target::Qcow2(img) => img.write_zeroes(offset, len, true),
-            Target::Raw(s) => {
+            Target::Raw { storage: s, .. } => {
                 let err = |e| Error::io(format!("zeroing the raw target at {offset:#x}"), e);
                 s.punch_hole(offset, len).map_err(err)?;
                 if let Some((false, hole_end)) = s.extent_at(offset).map_err(err)? {
@@ -304,7 +315,7 @@ impl Target {
     ) -> Result<CompressedClusters> {
         match self {
             Target::Qcow2(img) => img.compress_clusters(compressor, buf, offset),
-            Target::Raw(_) => Err(Error::InvalidArgument(
+            Target::Raw { .. } => Err(Error::InvalidArgument(
                 "compression needs a qcow2 target".into(),
             )),
         }
@@ -314,17 +325,18 @@ impl Target {
     pub fn store_compressed(&self, clusters: &CompressedClusters) -> Result<()> {
         match self {
             Target::Qcow2(img) => img.store_compressed_clusters(clusters),
-            Target::Raw(_) => Err(Error::InvalidArgument(
+            Target::Raw { .. } => Err(Error::InvalidArgument(
                 "compression needs a qcow2 target".into(),
             )),
         }
     }
 
-    /// Makes everything written durable.
+    /// Makes everything written durable (unless opened with `no_flush`).
     pub fn flush(&self) -> Result<()> {
         match self {
             Target::Qcow2(img) => img.flush(),
-            Target::Raw(s) => s
+            Target::Raw { no_flush: true, .. } => Ok(()),
+            Target::Raw { storage: s, .. } => s
                 .flush()
                 .map_err(|e| Error::io("flushing the raw target", e)),
         }
@@ -334,9 +346,7 @@ impl Target {
     pub fn close(self) -> Result<()> {
         match self {
             Target::Qcow2(img) => img.close(),
-            Target::Raw(s) => s
-                .flush()
-                .map_err(|e| Error::io("flushing the raw target", e)),
+            raw => raw.flush(),
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct ConvertOptions {
     pub target_is_zero: bool,
     /// Open the target with O_DIRECT (`-t none`).
     pub target_direct: bool,
+    /// Never flush the target (`-t unsafe`, qemu-img convert's default): the copy is
+    /// not durable when the call returns. Off by default: the target is flushed
+    /// once at the end.
+    pub target_no_flush: bool,
     /// Write compressed clusters (`-c`, qcow2 targets).
     pub compressed: bool,
     /// Write chunks as soon as they are ready instead of in guest order (`-W`).
@@ -72,6 +76,7 @@ impl Default for ConvertOptions {
             existing_target: false,
             target_is_zero: false,
             target_direct: false,
+            target_no_flush: false,
             compressed: false,
             out_of_order: false,
             workers: DEFAULT_WORKERS,
@@ -129,6 +134,7 @@ pub fn convert(
         let spec = OpenSpec {
             format: Some(opts.target_format),
             direct: opts.target_direct,
+            no_flush: opts.target_no_flush,
             ..OpenSpec::default()
         };
         let target = Target::open(dst, &spec)?;
@@ -168,6 +174,7 @@ fn create_target(dst: &Path, size: u64, opts: &ConvertOptions) -> Result<Target>
             let spec = OpenSpec {
                 format: Some(Format::Qcow2),
                 direct: opts.target_direct,
+                no_flush: opts.target_no_flush,
                 ..OpenSpec::default()
             };
             Target::open(dst, &spec)
@@ -182,6 +189,7 @@ fn create_target(dst: &Path, size: u64, opts: &ConvertOptions) -> Result<Target>
             let spec = OpenSpec {
                 format: Some(Format::Raw),
                 direct: opts.target_direct,
+                no_flush: opts.target_no_flush,
                 ..OpenSpec::default()
             };
             Target::open(dst, &spec)

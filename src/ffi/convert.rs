@@ -40,6 +40,9 @@ pub const COWDISK_CONVERT_FORCE_SHARE: u32 = 256;
 pub const COWDISK_CONVERT_NO_SPARSE: u32 = 512;
 /// The source is a qcow2 image (default: probed).
 pub const COWDISK_CONVERT_SOURCE_QCOW2: u32 = 1024;
+/// Never flush the target (`-t unsafe`, qemu-img convert's default): the copy is not
+/// durable when the call returns. Without it the target is flushed once at the end.
+pub const COWDISK_CONVERT_TARGET_NO_FLUSH: u32 = 2048;
 
 /// Options of `cowdisk_convert()`. Zero fields mean "default" (qemu-img's).
 #[repr(C)]
@@ -93,7 +96,7 @@ unsafe fn convert_options(
     let Some(c) = read_versioned(opts, "cowdisk_convert_opts")? else {
         return Ok((out, None, std::ptr::null_mut()));
     };
-    let known = COWDISK_CONVERT_SOURCE_QCOW2 * 2 - 1;
+    let known = COWDISK_CONVERT_TARGET_NO_FLUSH * 2 - 1;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown convert flags {:#x}",
@@ -117,6 +120,7 @@ unsafe fn convert_options(
         direct: flag(COWDISK_CONVERT_SOURCE_DIRECT),
         snapshot: opt_string(c.snapshot, "snapshot")?,
         force_share: flag(COWDISK_CONVERT_FORCE_SHARE),
+        no_flush: false,
     };
     out.target_format = if flag(COWDISK_CONVERT_TARGET_RAW) {
         Format::Raw
@@ -133,6 +137,7 @@ unsafe fn convert_options(
     out.existing_target = flag(COWDISK_CONVERT_EXISTING_TARGET);
     out.target_is_zero = flag(COWDISK_CONVERT_TARGET_IS_ZERO);
     out.target_direct = flag(COWDISK_CONVERT_TARGET_DIRECT);
+    out.target_no_flush = flag(COWDISK_CONVERT_TARGET_NO_FLUSH);
     out.compressed = flag(COWDISK_CONVERT_COMPRESSED);
     out.out_of_order = flag(COWDISK_CONVERT_OUT_OF_ORDER);
     if c.workers != 0 {

@@ -82,6 +82,7 @@ impl Backing {
                 let mut o = opts.clone();
                 o.read_only = true;
                 o.snapshot = None;
+                o.no_flush = false;
                 let img = Image::open_chain(&path, &o, depth_left - 1).map_err(|e| match e {
                     Error::Io { context, source } => Error::Io {
                         context: format!("backing file '{}': {context}", path.display()),
@@ -98,6 +99,7 @@ impl Backing {
                 let mut o = opts.clone();
                 o.read_only = true;
                 o.snapshot = None;
+                o.no_flush = false;
                 super::lock_image_file(&storage, &path, &o)?;
                 let size = storage
                     .len()

@@ -60,6 +60,8 @@ pub(crate) struct Meta {
     pub preallocated_end: u64,
     /// Whether the image looks metadata-preallocated (decided once, on first use).
     pub preallocated: Option<bool>,
+    /// Host flushes are skipped (`OpenOptions::no_flush`, QEMU's cache=unsafe).
+    pub no_flush: bool,
     /// Set when the in-memory metadata is in doubt (corruption found midway, an
     /// internal inconsistency): writes are refused until the image is reopened.
     pub broken: Option<String>,
@@ -198,6 +200,9 @@ impl Meta {
     /// one fails too: the kernel may have dropped dirty pages and then reports success
     /// for pages it never wrote, so durability can no longer be promised.
     pub fn sync(&mut self) -> Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         if let Some(why) = &self.flush_failed {
             return Err(Error::io(
                 why.clone(),

@@ -127,6 +127,7 @@ pub(crate) fn open_meta(
         file_len: file_size,
         preallocated_end: file_size,
         preallocated: None,
+        no_flush: opts.no_flush,
         broken: None,
         in_doubt: false,
         flush_failed: None,

@@ -102,6 +102,12 @@ pub struct OpenOptions {
     /// name recorded it (its contents and size) instead of the active image, as
     /// `qemu-img convert -l` does.
     pub snapshot: Option<String>,
+    /// Skip every flush of the host file — write barriers, `flush` and `close` —
+    /// as QEMU's `cache=unsafe` does. Nothing is durable until the caller syncs the
+    /// file itself, and a crash may leave the image inconsistent: only for scratch
+    /// images and one-shot copies that are redone after a crash (`convert -t unsafe`,
+    /// qemu-img convert's default).
+    pub no_flush: bool,
 }
 
 impl Default for OpenOptions {
@@ -119,6 +125,7 @@ impl Default for OpenOptions {
             check: false,
             overlap_checks: true,
             snapshot: None,
+            no_flush: false,
         }
     }
 }

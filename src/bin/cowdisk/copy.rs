@@ -143,7 +143,9 @@ pub struct ConvertArgs {
     /// byte, the target is fully allocated).
     #[arg(short = 'S', value_name = "SIZE", default_value = "4k")]
     min_sparse: String,
-    /// Target cache mode: none (O_DIRECT) or writeback.
+    /// Target cache mode: writeback (flushed once at the end), none (O_DIRECT, flushed
+    /// at the end) or unsafe (never flushed, qemu-img convert's default: the copy is
+    /// not durable when the command returns).
     #[arg(short = 't', value_name = "CACHE", default_value = "writeback")]
     target_cache: String,
     /// Source cache mode: none (O_DIRECT) or writeback.
@@ -189,12 +191,14 @@ pub fn run_convert(args: ConvertArgs) -> CliResult {
             direct: cache_direct(&args.source_cache)?,
             snapshot: args.snapshot.as_deref().map(snapshot_name),
             force_share: args.force_share,
+            no_flush: false,
         },
         target_format,
         create,
         existing_target: args.existing,
         target_is_zero: args.target_is_zero,
         target_direct: cache_direct(&args.target_cache)?,
+        target_no_flush: args.target_cache == "unsafe",
         compressed: args.compressed,
         out_of_order: args.out_of_order,
         workers: args.workers,
