@@ -479,7 +479,9 @@ typedef struct cowdisk_amend_opts {
  * Progress of a long call: `done` of `total` bytes. Called on the thread that made
  * the call (never on a worker thread), at least once at the start and once at the
  * end, with `done` never going backwards. Return 0 to go on, non-zero to cancel:
- * the call then stops its workers and returns `-ECANCELED`.
+ * the call then stops its workers, does not call it again, and returns
+ * `-ECANCELED` (non-zero on the last call, once everything is done, is too late to
+ * cancel: the call succeeds).
  */
 typedef int (*cowdisk_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 

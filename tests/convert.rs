@@ -516,9 +516,13 @@ fn progress_is_monotone_and_cancelling_removes_the_target() {
     for compressed in [false, true] {
         let dst = sc.path(&format!("cancelled-{compressed}.qcow2"));
         let mut calls = 0;
+        let mut after_stop = 0;
+        let mut stopped = false;
         let mut cb = |d: u64, t: u64| {
             calls += 1;
-            d < t / 4
+            after_stop += usize::from(stopped);
+            stopped |= d >= t / 4;
+            !stopped
         };
         let opts = ConvertOptions {
             compressed,
@@ -530,6 +534,7 @@ fn progress_is_monotone_and_cancelling_removes_the_target() {
         assert_eq!(e.errno(), libc::ECANCELED);
         assert!(!dst.exists());
         assert!(calls >= 1);
+        assert_eq!(after_stop, 0, "called again after asking to stop");
     }
 
     // An existing target keeps what was written, and the error says so.
@@ -938,6 +943,26 @@ fn rebase_gives_what_qemu_img_rebase_gives() {
             assert_same(&top, &before);
         }
     }
+
+    // -u onto a file that does not exist (yet), from an image without a backing
+    // file opened without following backing files: qemu-img -u -F accepts it.
+    let (_, _, top) = make_chain(&sc, "unsafe-missing");
+    let remove = RebaseOptions {
+        backing_file: None,
+        ..RebaseOptions::default()
+    };
+    convert::rebase(&top, &remove, None).unwrap();
+    let missing = RebaseOptions {
+        backing_file: Some("later.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        unsafe_mode: true,
+        ..RebaseOptions::default()
+    };
+    convert::rebase(&top, &missing, None).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&run_ok("qemu-img", &["info", "--output=json", s(&top)])).unwrap();
+    assert_eq!(info["backing-filename"], "later.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
 }
 
 #[test]

@@ -301,7 +301,8 @@ fn rewrite_differences(
     while handles.iter().any(|h| !h.is_finished()) {
         let d = shared.done.load(Ordering::Relaxed);
         if let Some(p) = progress.as_mut() {
-            if last != Some(d) {
+            // Once the callback asked to stop (or a worker failed) it is not called again.
+            if last != Some(d) && !shared.failed() {
                 last = Some(d);
                 if !p(d, total) {
                     shared.fail(Error::Cancelled(

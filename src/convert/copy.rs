@@ -192,7 +192,8 @@ fn watch(shared: &Shared, total: u64, mut progress: Option<&mut ProgressFn<'_>>)
         let finished = st.workers_left == 0;
         let failed = st.error.is_some();
         if let Some(p) = progress.as_mut() {
-            if reported != Some(done) && !(finished && failed) {
+            // Once the callback asked to stop it is not called again.
+            if reported != Some(done) && !(finished && failed) && !st.stop {
                 drop(st);
                 let go_on = p(done, total);
                 reported = Some(done);

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// Progress of a long call: `done` of `total` bytes. Called on the thread that made
 /// the call (never on a worker thread), at least once at the start and once at the
 /// end, with `done` never going backwards. Return 0 to go on, non-zero to cancel:
-/// the call then stops its workers and returns `-ECANCELED`.
+/// the call then stops its workers, does not call it again, and returns
+/// `-ECANCELED` (non-zero on the last call, once everything is done, is too late to
+/// cancel: the call succeeds).
 pub type cowdisk_progress_fn =
     Option<unsafe extern "C" fn(opaque: *mut c_void, done: u64, total: u64) -> c_int>;
 

@@ -31,7 +31,7 @@ impl Image {
         let follow = {
             let meta = self.lock()?;
             meta.check_writable()?;
-            !meta.backing_refused
+            !meta.backing_disabled
         };
         let backing = match file {
             Some(name) if follow => {
@@ -64,6 +64,8 @@ impl Image {
             meta.switch_header(&old)?;
             meta.sync()?;
             meta.backing = backing.map(std::sync::Arc::new);
+            // A new name the open options said not to follow stays unopened.
+            meta.backing_refused = file.is_some() && !follow;
             Ok(())
         })
     }

@@ -48,6 +48,8 @@ pub(crate) struct Meta {
     pub backing: Option<Arc<Backing>>,
     /// The image names a backing file that the open options told us not to open.
     pub backing_refused: bool,
+    /// The open options said not to open backing files (`follow_backing: false`).
+    pub backing_disabled: bool,
     pub read_only: bool,
     /// Punch freed host clusters out of the file.
     pub discard_unmap: bool,

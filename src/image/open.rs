@@ -121,6 +121,7 @@ pub(crate) fn open_meta(
         },
         backing: backing.map(Arc::new),
         backing_refused,
+        backing_disabled: !opts.follow_backing,
         read_only: opts.read_only,
         discard_unmap: opts.discard_unmap,
         host_end: file_size,

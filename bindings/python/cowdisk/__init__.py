@@ -8,12 +8,15 @@ Example::
     with cowdisk.open("disk.qcow2") as img:
         img.pwrite(b"hello", 4096)
         assert img.pread(5, 4096) == b"hello"
+    cowdisk.convert("disk.qcow2", "small.qcow2", compressed=True,
+                    progress=lambda done, total: print(done, "/", total))
 
 The shared library is found through ``$COWDISK_LIB``, then ``libcowdisk.so`` next to
 this package, then the repository's ``target/release`` and ``target/debug``.
 ``cowdisk.library_path`` is the path that was loaded.
 """
 
+from ._convert import Comparison, commit, compare, convert, rebase
 from ._errors import Error, strerror
 from ._image import CheckResult, Extent, Image, ImageInfo, create, open, version
 from ._snapshot import Snapshot, VMStateWriter
@@ -21,14 +24,19 @@ from ._native import lib_path as library_path
 
 __all__ = [
     "CheckResult",
+    "Comparison",
     "Error",
     "Extent",
     "Image",
     "ImageInfo",
     "Snapshot",
     "VMStateWriter",
+    "commit",
+    "compare",
+    "convert",
     "create",
     "open",
+    "rebase",
     "version",
     "strerror",
     "library_path",
@@ -36,6 +44,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _obj in (CheckResult, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
+for _obj in (CheckResult, Comparison, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
     _obj.__module__ = __name__
 del _obj

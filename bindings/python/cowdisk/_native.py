@@ -59,6 +59,28 @@ EXTENT_OFFSET_VALID = 16
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 
+CONVERT_COMPRESSED = 1
+CONVERT_OUT_OF_ORDER = 2
+CONVERT_EXISTING_TARGET = 4
+CONVERT_TARGET_IS_ZERO = 8
+CONVERT_SOURCE_RAW = 16
+CONVERT_TARGET_RAW = 32
+CONVERT_SOURCE_DIRECT = 64
+CONVERT_TARGET_DIRECT = 128
+CONVERT_FORCE_SHARE = 256
+CONVERT_NO_SPARSE = 512
+CONVERT_SOURCE_QCOW2 = 1024
+CONVERT_TARGET_NO_FLUSH = 2048
+
+COMPARE_STRICT = 1
+COMPARE_FIRST_RAW = 2
+COMPARE_SECOND_RAW = 4
+COMPARE_FORCE_SHARE = 8
+
+COMMIT_KEEP = 1
+
+REBASE_UNSAFE = 1
+
 
 # --- structs ------------------------------------------------------------------------------
 
@@ -182,6 +204,28 @@ class SnapshotInfo(Structure):
     ]
 
 
+# ``cowdisk_progress_fn``: int (*)(void *opaque, uint64_t done, uint64_t total).
+PROGRESS_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64)
+
+
+class ConvertOpts(Structure):
+    """``struct cowdisk_convert_opts``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("flags", c_uint32),
+        ("workers", c_uint32),
+        ("reserved", c_uint32),
+        ("min_sparse", c_uint64),
+        ("create", POINTER(CreateOpts)),
+        ("snapshot", c_char_p),
+        ("backing_file", c_char_p),
+        ("backing_format", c_char_p),
+        ("progress", PROGRESS_FN),
+        ("opaque", c_void_p),
+    ]
+
+
 def new_struct(cls):
     """Returns a zeroed instance of an option/info struct with ``struct_size`` set."""
     s = cls()
@@ -222,6 +266,13 @@ _FUNCTIONS = {
     "cowdisk_save_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_load_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_finalize_vmstate": (c_int, [Handle]),
+    "cowdisk_convert": (c_int, [c_char_p, c_char_p, POINTER(ConvertOpts)]),
+    "cowdisk_compare": (c_int, [c_char_p, c_char_p, c_uint32, POINTER(c_uint64)]),
+    "cowdisk_commit": (c_int, [c_char_p, c_char_p, c_uint32, PROGRESS_FN, c_void_p]),
+    "cowdisk_rebase": (
+        c_int,
+        [c_char_p, c_char_p, c_char_p, c_uint32, PROGRESS_FN, c_void_p],
+    ),
     "cowdisk_last_error": (c_char_p, []),
     "cowdisk_strerror": (c_char_p, [c_int]),
     "cowdisk_version": (c_char_p, []),
