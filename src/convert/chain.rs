@@ -297,7 +297,15 @@ fn rewrite_differences(
         }
     }
     // This thread reports progress and lets the caller cancel.
-    let mut last = None;
+    // The first call always says 0, however fast the workers are.
+    let mut last = Some(0);
+    if let Some(p) = progress.as_mut() {
+        if !p(0, total) {
+            shared.fail(Error::Cancelled(
+                "the progress callback asked to stop".into(),
+            ));
+        }
+    }
     while handles.iter().any(|h| !h.is_finished()) {
         let d = shared.done.load(Ordering::Relaxed);
         if let Some(p) = progress.as_mut() {

@@ -185,7 +185,20 @@ const ZERO_CHUNK: u64 = 1 << 30;
 /// The calling thread's part: report progress until the workers end; cancel them
 /// when the callback says so.
 fn watch(shared: &Shared, total: u64, mut progress: Option<&mut ProgressFn<'_>>) {
-    let mut reported = None;
+    // The first call always says 0, however fast the workers are.
+    let mut reported = Some(0);
+    if let Some(p) = progress.as_mut() {
+        if !p(0, total) {
+            let mut st = shared.lock();
+            if st.error.is_none() {
+                st.error = Some(Error::Cancelled(
+                    "the progress callback asked to stop".into(),
+                ));
+            }
+            st.stop = true;
+            shared.changed.notify_all();
+        }
+    }
     let mut st = shared.lock();
     loop {
         let done = st.done;
