@@ -50,6 +50,12 @@ pub enum Error {
     /// The caller cancelled a long operation (a progress callback asked to stop).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The image is encrypted and no passphrase was given.
+    #[error("{0}")]
+    NoKey(String),
+    /// The passphrase given does not open any key slot of the image.
+    #[error("{0}")]
+    KeyRejected(String),
 }
 
 /// Shorthand for results carrying [`Error`].
@@ -86,6 +92,8 @@ impl Error {
             Error::NotFound(m) => Error::NotFound(m.clone()),
             Error::Busy(m) => Error::Busy(m.clone()),
             Error::Cancelled(m) => Error::Cancelled(m.clone()),
+            Error::NoKey(m) => Error::NoKey(m.clone()),
+            Error::KeyRejected(m) => Error::KeyRejected(m.clone()),
         }
     }
 
@@ -108,6 +116,8 @@ impl Error {
             Error::NotFound(m) => Error::NotFound(add(m)),
             Error::Busy(m) => Error::Busy(add(m)),
             Error::Cancelled(m) => Error::Cancelled(add(m)),
+            Error::NoKey(m) => Error::NoKey(add(m)),
+            Error::KeyRejected(m) => Error::KeyRejected(add(m)),
         }
     }
 
@@ -126,6 +136,8 @@ impl Error {
             Error::NotFound(_) => libc::ENOENT,
             Error::Busy(_) => libc::EBUSY,
             Error::Cancelled(_) => libc::ECANCELED,
+            Error::NoKey(_) => libc::ENOKEY,
+            Error::KeyRejected(_) => libc::EKEYREJECTED,
         }
     }
 }
