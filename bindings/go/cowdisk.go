@@ -11,6 +11,10 @@
 //	defer img.Close()
 //	_, err = img.WriteAt([]byte("hello"), 4096)
 //
+// Convert, Compare, Commit and Rebase work on image files as the qemu-img
+// commands of the same names do; the long ones take a context.Context that
+// cancels them and report progress through a callback.
+//
 // An *Image may be used by many goroutines at once. Errors are *Error values that
 // wrap a syscall.Errno, so errors.Is(err, syscall.ENOENT) or
 // errors.Is(err, fs.ErrNotExist) work.
@@ -97,43 +101,73 @@ func Create(path string, size uint64, opts *CreateOptions) error {
 	var copts *C.cowdisk_create_opts
 	if opts != nil {
 		var co C.cowdisk_create_opts
-		co.struct_size = C.uint32_t(C.sizeof_cowdisk_create_opts)
-		co.version = C.uint32_t(opts.Version)
-		co.cluster_size = C.uint32_t(opts.ClusterSize)
-		co.refcount_bits = C.uint32_t(opts.RefcountBits)
-		if opts.LazyRefcounts {
-			co.flags |= C.COWDISK_CREATE_LAZY_REFCOUNTS
-		}
-		switch opts.CompressionType {
-		case "", "zlib":
-			co.compression_type = 0
-		case "zstd":
-			co.compression_type = 1
-		default:
-			return newError(op, path, syscall.EINVAL,
-				"invalid argument: unknown compression type %q (use \"zlib\" or \"zstd\")", opts.CompressionType)
-		}
-		if opts.BackingFile != "" {
-			s, err := cString(op, path, "backing file name", opts.BackingFile)
-			if err != nil {
-				return err
-			}
-			defer C.free(unsafe.Pointer(s))
-			co.backing_file = s
-		}
-		if opts.BackingFormat != "" {
-			s, err := cString(op, path, "backing format", opts.BackingFormat)
-			if err != nil {
-				return err
-			}
-			defer C.free(unsafe.Pointer(s))
-			co.backing_format = s
+		var strs cStrings
+		defer strs.free()
+		if err := fillCreateOpts(op, path, opts, &co, &strs); err != nil {
+			return err
 		}
 		copts = &co
 	}
 	return call(op, path, func() C.int {
 		return C.cowdisk_create(cpath, C.uint64_t(size), copts)
 	})
+}
+
+// cStrings are C strings to free together once a C call has returned.
+type cStrings []*C.char
+
+// add converts s with cString and records the result for free.
+func (cs *cStrings) add(op, path, what, s string) (*C.char, error) {
+	c, err := cString(op, path, what, s)
+	if err != nil {
+		return nil, err
+	}
+	*cs = append(*cs, c)
+	return c, nil
+}
+
+// free frees every recorded string.
+func (cs *cStrings) free() {
+	for _, c := range *cs {
+		C.free(unsafe.Pointer(c))
+	}
+	*cs = nil
+}
+
+// fillCreateOpts sets co (which may live in C or Go memory) from opts; the C
+// strings it points to are recorded in strs, to free after the call.
+func fillCreateOpts(op, path string, opts *CreateOptions, co *C.cowdisk_create_opts, strs *cStrings) error {
+	co.struct_size = C.uint32_t(C.sizeof_cowdisk_create_opts)
+	co.version = C.uint32_t(opts.Version)
+	co.cluster_size = C.uint32_t(opts.ClusterSize)
+	co.refcount_bits = C.uint32_t(opts.RefcountBits)
+	if opts.LazyRefcounts {
+		co.flags |= C.COWDISK_CREATE_LAZY_REFCOUNTS
+	}
+	switch opts.CompressionType {
+	case "", "zlib":
+		co.compression_type = 0
+	case "zstd":
+		co.compression_type = 1
+	default:
+		return newError(op, path, syscall.EINVAL,
+			"invalid argument: unknown compression type %q (use \"zlib\" or \"zstd\")", opts.CompressionType)
+	}
+	if opts.BackingFile != "" {
+		s, err := strs.add(op, path, "backing file name", opts.BackingFile)
+		if err != nil {
+			return err
+		}
+		co.backing_file = s
+	}
+	if opts.BackingFormat != "" {
+		s, err := strs.add(op, path, "backing format", opts.BackingFormat)
+		if err != nil {
+			return err
+		}
+		co.backing_format = s
+	}
+	return nil
 }
 
 // OpenOptions control how an image is opened. The zero value opens read-write with
@@ -657,7 +691,7 @@ type CheckResult struct {
 
 // Repair modes of Check, like qemu-img check -r.
 const (
-	RepairNone  = 0                             // only report
+	RepairNone  = 0                            // only report
 	RepairLeaks = C.COWDISK_CHECK_REPAIR_LEAKS // give back leaked clusters
 	RepairAll   = C.COWDISK_CHECK_REPAIR_ALL   // repair everything repairable
 )

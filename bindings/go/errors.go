@@ -6,6 +6,7 @@ package cowdisk
 import "C"
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"runtime"
@@ -36,7 +37,8 @@ type Error struct {
 	// this package for failures detected before calling C).
 	Msg string
 
-	closed bool // the failure is "image already closed"
+	closed bool  // the failure is "image already closed"
+	cause  error // the context error that cancelled the call, or nil
 }
 
 // Error formats the error as "cowdisk <op> <path>: <message>".
@@ -68,13 +70,24 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Errno }
 
 // Is reports whether the error is the "image closed" error when target is
-// ErrClosed. Other targets are matched through Unwrap.
+// ErrClosed, and whether it is a call cancelled by its context when target is
+// that context's error (context.Canceled or context.DeadlineExceeded). Other
+// targets are matched through Unwrap.
 func (e *Error) Is(target error) bool {
-	return e.closed && target == ErrClosed
+	if e.closed && target == ErrClosed {
+		return true
+	}
+	return e.cause != nil && errors.Is(e.cause, target)
 }
 
-// Timeout reports whether the error is a timeout (as syscall.Errno does).
-func (e *Error) Timeout() bool { return e.Errno.Timeout() }
+// Timeout reports whether the error is a timeout (as syscall.Errno does), or a
+// call cancelled because its context's deadline passed.
+func (e *Error) Timeout() bool {
+	if t, ok := e.cause.(interface{ Timeout() bool }); ok && t.Timeout() {
+		return true
+	}
+	return e.Errno.Timeout()
+}
 
 // Temporary reports whether the error may go away on retry (as syscall.Errno does).
 func (e *Error) Temporary() bool { return e.Errno.Temporary() }

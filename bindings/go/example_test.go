@@ -1,10 +1,13 @@
 package cowdisk_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log"
+	"os"
+	"os/signal"
 	"syscall"
 
 	"cowdisk.dev/cowdisk"
@@ -40,4 +43,24 @@ func ExampleImage_ReadAt() {
 	// Stream the whole guest disk.
 	n, err := io.Copy(io.Discard, io.NewSectionReader(img, 0, img.Size()))
 	fmt.Println(n, err)
+}
+
+func ExampleConvert() {
+	// Stop the copy on Ctrl-C: Convert then removes the half-made target.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	err := cowdisk.Convert(ctx, "disk.qcow2", "disk-compressed.qcow2", &cowdisk.ConvertOptions{
+		Compressed: true,
+		Create:     &cowdisk.CreateOptions{CompressionType: "zstd"},
+		Progress: func(done, total uint64) {
+			fmt.Fprintf(os.Stderr, "\r%3d%%", done*100/total)
+		},
+	})
+	if errors.Is(err, context.Canceled) {
+		log.Fatal("interrupted")
+	} else if err != nil {
+		log.Fatal(err)
+	}
+	identical, at, err := cowdisk.Compare("disk.qcow2", "disk-compressed.qcow2", nil)
+	fmt.Println(identical, at, err)
 }
