@@ -30,7 +30,8 @@ HEADER     := include/cowdisk.h
 C_TEST_SRCS := $(sort $(wildcard tests/c/*.c))
 C_STD_FLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1
 C_LINK      := -L$(RELEASE) -Wl,-rpath,$(CURDIR)/$(RELEASE) -lcowdisk -pthread
-VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible
+VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,possible \
+                  --suppressions=tests/c/valgrind.supp
 
 # Run each stage even when an earlier one failed; `make test` fails if any did.
 TEST_STAGES ?= fmt clippy header rust c python go

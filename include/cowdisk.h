@@ -75,6 +75,30 @@
 #define COWDISK_OPEN_CHECK 128
 
 /**
+ * Open for metadata only: an encrypted image opens without its passphrase (for
+ * `cowdisk_get_info`, `cowdisk_check`, `cowdisk_block_status`); reads and writes
+ * of its data then fail with `-ENOKEY`.
+ */
+#define COWDISK_OPEN_METADATA_ONLY 256
+
+/**
+ * `cowdisk_create_opts.encrypt_format` and `cowdisk_info.encrypt_format`: not
+ * encrypted.
+ */
+#define COWDISK_ENCRYPT_NONE 0
+
+/**
+ * Legacy qcow AES-CBC (crypt method 1), weak and deprecated by QEMU: only when asked
+ * for explicitly.
+ */
+#define COWDISK_ENCRYPT_AES 1
+
+/**
+ * LUKS1 (crypt method 2), QEMU's encryption for qcow2.
+ */
+#define COWDISK_ENCRYPT_LUKS 2
+
+/**
  * Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
@@ -284,6 +308,43 @@ typedef struct cowdisk_create_opts {
    * Backing format ("qcow2" or "raw"), or NULL to probe. Borrowed for the call only.
    */
   const char *backing_format;
+  /**
+   * Passphrase bytes of an encrypted image (not NUL-terminated; `secret_len`
+   * bytes), or NULL. Borrowed for the call only; cowdisk keeps no copy past it.
+   */
+  const void *secret;
+  /**
+   * Length of `secret` in bytes.
+   */
+  size_t secret_len;
+  /**
+   * `COWDISK_ENCRYPT_*`: 0 none, 1 legacy AES, 2 LUKS (needs `secret`).
+   */
+  uint32_t encrypt_format;
+  /**
+   * LUKS: milliseconds of PBKDF2 work for the key slot (0 = QEMU's 2000).
+   */
+  uint32_t iter_time_ms;
+  /**
+   * LUKS cipher, QEMU's names: "aes-128", "aes-192", "aes-256" (NULL = aes-256).
+   */
+  const char *cipher_alg;
+  /**
+   * LUKS cipher mode: "xts" or "cbc" (NULL = xts).
+   */
+  const char *cipher_mode;
+  /**
+   * LUKS IV generator: "plain", "plain64" or "essiv" (NULL = plain64).
+   */
+  const char *ivgen_alg;
+  /**
+   * Hash of the essiv IV generator: "sha1", "sha256", "sha512" (NULL = sha256).
+   */
+  const char *ivgen_hash_alg;
+  /**
+   * PBKDF2 hash: "sha1", "sha256", "sha512" (NULL = sha256).
+   */
+  const char *hash_alg;
 } cowdisk_create_opts;
 
 /**
@@ -315,6 +376,16 @@ typedef struct cowdisk_open_opts {
    * `COWDISK_OPEN_NO_COMPRESSED_CACHE` to turn it off).
    */
   uint64_t compressed_cache_size;
+  /**
+   * Passphrase bytes of an encrypted image and of encrypted backing files (not
+   * NUL-terminated; `secret_len` bytes), or NULL. Borrowed for the call only: the
+   * handle keeps only the derived key, zeroed when closed.
+   */
+  const void *secret;
+  /**
+   * Length of `secret` in bytes.
+   */
+  size_t secret_len;
 } cowdisk_open_opts;
 
 /**
@@ -371,6 +442,14 @@ typedef struct cowdisk_info {
    * Backing format as stored in the image, NUL-terminated ("" when none).
    */
   char backing_format[32];
+  /**
+   * `COWDISK_ENCRYPT_*`: how the image is encrypted.
+   */
+  uint32_t encrypt_format;
+  /**
+   * Reserved, 0.
+   */
+  uint32_t reserved;
 } cowdisk_info;
 
 /**
@@ -536,6 +615,16 @@ typedef struct cowdisk_convert_opts {
    * Passed to `progress`.
    */
   void *opaque;
+  /**
+   * Passphrase bytes of an encrypted source (and of an encrypted existing target
+   * when `create->secret` is not set), or NULL. A new encrypted target takes its
+   * passphrase from `create`. Borrowed for the call only.
+   */
+  const void *secret;
+  /**
+   * Length of `secret` in bytes.
+   */
+  size_t secret_len;
 } cowdisk_convert_opts;
 
 /**

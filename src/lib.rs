@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod convert;
+pub mod crypto;
 pub mod error;
 pub mod ffi;
 pub mod format;
@@ -20,5 +21,6 @@ pub mod io;
 
 pub use error::{Error, Result};
 pub use image::{
-    CompressionType, CreateOptions, Image, ImageInfo, OpenOptions, SnapshotInfo, SnapshotOptions,
+    CompressionType, CreateOptions, EncryptionFormat, EncryptionInfo, Image, ImageInfo,
+    OpenOptions, SnapshotInfo, SnapshotOptions,
 };

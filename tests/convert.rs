@@ -843,6 +843,7 @@ fn commit_gives_what_qemu_img_commit_gives() {
             base: base_arg.then(|| base.clone()),
             keep_top: keep,
             workers: 0,
+            secret: None,
         };
         convert::commit(&top, &opts, None).unwrap();
         let mut args = vec!["commit"];

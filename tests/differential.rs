@@ -33,6 +33,56 @@ struct Config {
     compressed_cache: u64,
     /// Open with O_DIRECT.
     direct: bool,
+    /// Encrypted configurations: "luks" or "aes" (legacy). Snapshots then carry no VM
+    /// state, and QEMU is given the passphrase.
+    encryption: Option<&'static str>,
+}
+
+const PASS: &str = "differential passphrase";
+
+/// qemu-img arguments naming the image, with the passphrase for encrypted ones.
+fn qemu_image_args(path: &Path, encrypted: bool) -> Vec<String> {
+    if !encrypted {
+        return vec![path.to_str().unwrap().to_string()];
+    }
+    vec![
+        "--object".into(),
+        format!("secret,id=s0,data={PASS}"),
+        "--image-opts".into(),
+        format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+            path.to_str().unwrap()
+        ),
+    ]
+}
+
+fn qemu_check_clean_enc(path: &Path, encrypted: bool) {
+    if !encrypted {
+        return qemu_check_clean(path);
+    }
+    let mut args = vec!["check".to_string(), "--output=json".to_string()];
+    args.extend(qemu_image_args(path, true));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = run("qemu-img", &a);
+    assert_eq!(code, 0, "qemu-img check: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.get("leaks").is_none_or(|l| l == 0), "{out}");
+    assert!(v.get("corruptions").is_none_or(|c| c == 0), "{out}");
+}
+
+fn qemu_compare_raw_enc(path: &Path, raw: &Path, encrypted: bool) {
+    if !encrypted {
+        return qemu_compare_raw(path, raw);
+    }
+    let mut args = vec!["compare".to_string()];
+    args.extend(qemu_image_args(path, true));
+    args.push(format!(
+        "driver=raw,file.filename={}",
+        raw.to_str().unwrap()
+    ));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = run("qemu-img", &a);
+    assert_eq!(code, 0, "qemu-img compare: {out}{err}");
 }
 
 /// Fills `buf` with data that compresses: text, zeros and a few random bytes, or
@@ -84,12 +134,13 @@ fn snapshot_step(
     model: &mut Vec<u8>,
     step: usize,
     cs: u64,
+    with_vmstate: bool,
 ) {
     let op = if snaps.is_empty() { 0 } else { rng.below(4) };
     match op {
         0 | 1 if snaps.len() < 6 => {
-            let mut vmstate =
-                vec![0u8; rng.below(3) as usize * rng.below(3 * cs + 70_000) as usize];
+            let n = rng.below(3) as usize * rng.below(3 * cs + 70_000) as usize;
+            let mut vmstate = vec![0u8; if with_vmstate { n } else { 0 }];
             rng.fill(&mut vmstate);
             let mut at = 0;
             while at < vmstate.len() {
@@ -98,7 +149,9 @@ fn snapshot_step(
                     .unwrap_or_else(|e| panic!("step {step}: save_vmstate: {e}"));
                 at += n;
             }
-            img.finalize_vmstate().unwrap();
+            if with_vmstate {
+                img.finalize_vmstate().unwrap();
+            }
             let opts = SnapshotOptions {
                 vm_state_size: vmstate.len() as u64,
                 ..SnapshotOptions::default()
@@ -118,9 +171,11 @@ fn snapshot_step(
                 Ok(()) => {
                     *model = snaps[i].model.clone();
                     assert_eq!(img.size(), model.len() as u64, "step {step}: goto size");
-                    let mut back = vec![0u8; snaps[i].vmstate.len()];
-                    img.load_vmstate(&mut back, 0).unwrap();
-                    assert!(back == snaps[i].vmstate, "step {step}: VM state after goto");
+                    if with_vmstate {
+                        let mut back = vec![0u8; snaps[i].vmstate.len()];
+                        img.load_vmstate(&mut back, 0).unwrap();
+                        assert!(back == snaps[i].vmstate, "step {step}: VM state after goto");
+                    }
                 }
                 Err(e) => assert_eq!(e.errno(), libc::ENOTSUP, "step {step}: goto: {e}"),
             }
@@ -135,21 +190,18 @@ fn snapshot_step(
 }
 
 /// Snapshot `id` of the image read by QEMU.
-fn qemu_read_snapshot(path: &Path, id: &str, s: &Scratch) -> Vec<u8> {
+fn qemu_read_snapshot(path: &Path, id: &str, s: &Scratch, encrypted: bool) -> Vec<u8> {
     let out = s.path("qemu-snapshot.raw");
     let _ = std::fs::remove_file(&out);
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            "-l",
-            &format!("snapshot.id={id}"),
-            path.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
+    let mut args: Vec<String> = ["convert", "-O", "raw", "-l"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.push(format!("snapshot.id={id}"));
+    args.extend(qemu_image_args(path, encrypted));
+    args.push(out.to_str().unwrap().to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("qemu-img", &a);
     std::fs::read(&out).unwrap()
 }
 
@@ -194,6 +246,16 @@ fn run_config(cfg: &Config, seed: u64) {
         refcount_bits: cfg.refcount_bits,
         ..CreateOptions::default()
     };
+    let encrypted = cfg.encryption.is_some();
+    let secret = encrypted.then(|| cowdisk::crypto::Secret::new(PASS.as_bytes()));
+    create.secret = secret.clone();
+    create.encryption = cfg.encryption.map(|kind| match kind {
+        "aes" => cowdisk::EncryptionFormat::LegacyAes,
+        _ => cowdisk::EncryptionFormat::Luks(cowdisk::crypto::LuksCreateOptions {
+            iter_time_ms: 10,
+            ..Default::default()
+        }),
+    });
     if cfg.backing != "none" {
         // A backing file with data in random places (and a shorter size, so the tail of
         // the image reads zeros past the backing file's end).
@@ -235,6 +297,7 @@ fn run_config(cfg: &Config, seed: u64) {
         l2_cache_size: cfg.l2_cache_size,
         compressed_cache_size: cfg.compressed_cache,
         direct: cfg.direct,
+        secret,
         ..OpenOptions::default()
     };
     let mut img = Image::open(&img_path, &open_opts).unwrap();
@@ -348,7 +411,7 @@ fn run_config(cfg: &Config, seed: u64) {
                 }
             }
             90..=94 if cfg.compression.is_none() && rng.below(2) == 0 => {
-                snapshot_step(&img, &mut rng, &mut snaps, &mut model, step, cs);
+                snapshot_step(&img, &mut rng, &mut snaps, &mut model, step, cs, !encrypted);
                 size = model.len() as u64;
             }
             90..=94 => img.flush().unwrap(),
@@ -376,13 +439,13 @@ fn run_config(cfg: &Config, seed: u64) {
     );
     assert_clean(&img, &format!("{}: the end", cfg.name));
     img.close().unwrap();
-    qemu_check_clean(&img_path);
+    qemu_check_clean_enc(&img_path, encrypted);
     let model_path = s.path("model.raw");
     write_raw(&model_path, &model);
-    qemu_compare_raw(&img_path, &model_path);
+    qemu_compare_raw_enc(&img_path, &model_path, encrypted);
     // QEMU reads a snapshot at the image's current size: compare what both cover.
     for snap in &snaps {
-        let q = qemu_read_snapshot(&img_path, &snap.id, &s);
+        let q = qemu_read_snapshot(&img_path, &snap.id, &s, encrypted);
         let n = q.len().min(snap.model.len());
         assert!(
             q[..n] == snap.model[..n],
@@ -408,6 +471,9 @@ fn run_config(cfg: &Config, seed: u64) {
                 cfg.name,
                 snap.id
             );
+            if encrypted {
+                continue;
+            }
             let mut state = vec![0u8; snap.vmstate.len()];
             img.load_vmstate(&mut state, 0).unwrap();
             assert!(
@@ -418,7 +484,7 @@ fn run_config(cfg: &Config, seed: u64) {
             );
         }
         img.close().unwrap();
-        qemu_check_clean(&img_path);
+        qemu_check_clean_enc(&img_path, encrypted);
     }
 }
 
@@ -438,6 +504,7 @@ macro_rules! differential {
                 compression: None,
                 compressed_cache: 0,
                 direct: false,
+                encryption: None,
             };
             run_config(&cfg, seed(0xC0DE));
         }
@@ -463,6 +530,7 @@ macro_rules! compressed {
                 compression: Some($kind),
                 compressed_cache: $ccache,
                 direct: $direct,
+                encryption: None,
             };
             if $direct && !supports_direct(&std::env::temp_dir()) {
                 eprintln!(
@@ -636,5 +704,77 @@ compressed!(
     400,
     Zstd,
     CACHE,
+    false
+);
+
+/// An encrypted differential run: "luks" or "aes", O_DIRECT on or off.
+macro_rules! encrypted {
+    ($name:ident, $v:expr, $cs:expr, $size:expr, $backing:expr, $ops:expr, $kind:expr, $direct:expr) => {
+        #[test]
+        fn $name() {
+            let cfg = Config {
+                name: stringify!($name),
+                version: $v,
+                cluster_size: $cs,
+                refcount_bits: 16,
+                size: $size,
+                backing: $backing,
+                l2_cache_size: 0,
+                ops: $ops,
+                compression: None,
+                compressed_cache: 0,
+                direct: $direct,
+                encryption: Some($kind),
+            };
+            if $direct && !supports_direct(&std::env::temp_dir()) {
+                eprintln!(
+                    "NOTICE: the temporary folder refuses O_DIRECT; skipping {}",
+                    cfg.name
+                );
+                return;
+            }
+            run_config(&cfg, seed(0xC0DE));
+        }
+    };
+}
+
+encrypted!(
+    e_luks_v3_64k,
+    3,
+    65536,
+    24 * MIB,
+    "none",
+    1500,
+    "luks",
+    false
+);
+encrypted!(
+    e_luks_v3_4k_qcow2_backing,
+    3,
+    4096,
+    12 * MIB,
+    "qcow2",
+    1200,
+    "luks",
+    false
+);
+encrypted!(
+    e_luks_v3_64k_direct,
+    3,
+    65536,
+    16 * MIB,
+    "none",
+    1000,
+    "luks",
+    true
+);
+encrypted!(
+    e_aes_v2_64k_raw_backing,
+    2,
+    65536,
+    16 * MIB,
+    "raw",
+    1000,
+    "aes",
     false
 );

@@ -60,6 +60,10 @@ type ConvertOptions struct {
 	TargetNoFlush bool
 	// Workers is the number of threads that copy, 1 to 16 (0 = 8).
 	Workers int
+	// Secret is the passphrase of an encrypted source (and of an encrypted existing
+	// target when Create.Secret is empty). A new encrypted target takes its
+	// passphrase from Create.Secret.
+	Secret []byte
 	// Snapshot is the id or name of an internal snapshot of the source to
 	// convert instead of its current contents ("" = none).
 	Snapshot string
@@ -170,8 +174,10 @@ func Convert(ctx context.Context, src, dst string, opts *ConvertOptions) error {
 			}
 		}
 	}
+	secret, secretLen := strs.addSecret(opts.Secret)
 	return runWithProgress(ctx, op, src, opts.Progress, func(cb C.cowdisk_progress_fn, opaque unsafe.Pointer) C.int {
 		co.progress, co.opaque = cb, opaque
+		co.secret, co.secret_len = secret, secretLen
 		return C.cowdisk_convert(csrc, cdst, &co)
 	})
 }

@@ -29,6 +29,7 @@ package cowdisk
 /*
 #cgo CFLAGS: -I${SRCDIR}/../../include
 #include <stdlib.h>
+#include <string.h>
 #include <cowdisk.h>
 */
 import "C"
@@ -42,6 +43,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -72,6 +74,28 @@ type CreateOptions struct {
 	// CompressionType is the codec of compressed clusters: "zlib" or "zstd"
 	// ("" = "zlib"; "zstd" needs version 3).
 	CompressionType string
+	// EncryptFormat encrypts the image: "luks" (QEMU's LUKS, aes-256-xts-plain64
+	// unless the Cipher fields say otherwise), "aes" (QEMU's legacy AES, weak: only
+	// when asked for) or "" (not encrypted). It needs Secret.
+	EncryptFormat string
+	// Secret is the passphrase of an encrypted image. The binding copies it into C
+	// memory for the call and zeroes that copy afterwards; zero your own slice
+	// when you no longer need it.
+	Secret []byte
+	// IterTime is how long the LUKS key derivation should take (0 = QEMU's 2 s);
+	// short times make tests fast, long ones make guessing the passphrase slow.
+	IterTime time.Duration
+	// CipherAlg is the LUKS cipher: "aes-128", "aes-192" or "aes-256" ("" = aes-256).
+	CipherAlg string
+	// CipherMode is the LUKS cipher mode: "xts" or "cbc" ("" = xts).
+	CipherMode string
+	// IvgenAlg is the LUKS IV generator: "plain", "plain64" or "essiv" ("" = plain64).
+	IvgenAlg string
+	// IvgenHashAlg is the hash of the essiv IV generator ("" = sha256).
+	IvgenHashAlg string
+	// HashAlg is the LUKS key-derivation hash: "sha1", "sha256" or "sha512"
+	// ("" = sha256).
+	HashAlg string
 }
 
 // compressionNames are the CompressionType names, indexed by their C code.
@@ -114,7 +138,17 @@ func Create(path string, size uint64, opts *CreateOptions) error {
 }
 
 // cStrings are C strings to free together once a C call has returned.
-type cStrings []*C.char
+type cStrings struct {
+	strs    []*C.char
+	secrets []cSecret
+}
+
+// cSecret is a passphrase copied into C memory (Go memory must not be referenced
+// from the C structs passed to the library), zeroed before it is freed.
+type cSecret struct {
+	p unsafe.Pointer
+	n C.size_t
+}
 
 // add converts s with cString and records the result for free.
 func (cs *cStrings) add(op, path, what, s string) (*C.char, error) {
@@ -122,16 +156,31 @@ func (cs *cStrings) add(op, path, what, s string) (*C.char, error) {
 	if err != nil {
 		return nil, err
 	}
-	*cs = append(*cs, c)
+	cs.strs = append(cs.strs, c)
 	return c, nil
 }
 
-// free frees every recorded string.
+// addSecret copies a passphrase into C memory, recorded to be wiped and freed.
+// It returns NULL and 0 for an empty passphrase (none given).
+func (cs *cStrings) addSecret(b []byte) (unsafe.Pointer, C.size_t) {
+	if len(b) == 0 {
+		return nil, 0
+	}
+	p := C.CBytes(b)
+	cs.secrets = append(cs.secrets, cSecret{p, C.size_t(len(b))})
+	return p, C.size_t(len(b))
+}
+
+// free frees every recorded string, and zeroes and frees every passphrase.
 func (cs *cStrings) free() {
-	for _, c := range *cs {
+	for _, c := range cs.strs {
 		C.free(unsafe.Pointer(c))
 	}
-	*cs = nil
+	for _, s := range cs.secrets {
+		C.memset(s.p, 0, s.n)
+		C.free(s.p)
+	}
+	cs.strs, cs.secrets = nil, nil
 }
 
 // fillCreateOpts sets co (which may live in C or Go memory) from opts; the C
@@ -167,6 +216,41 @@ func fillCreateOpts(op, path string, opts *CreateOptions, co *C.cowdisk_create_o
 		}
 		co.backing_format = s
 	}
+	switch opts.EncryptFormat {
+	case "":
+		co.encrypt_format = C.COWDISK_ENCRYPT_NONE
+	case "aes":
+		co.encrypt_format = C.COWDISK_ENCRYPT_AES
+	case "luks":
+		co.encrypt_format = C.COWDISK_ENCRYPT_LUKS
+	default:
+		return newError(op, path, syscall.EINVAL,
+			"invalid argument: unknown encryption format %q (use \"luks\" or \"aes\")", opts.EncryptFormat)
+	}
+	if opts.IterTime < 0 || opts.IterTime/time.Millisecond > 1<<32-1 {
+		return newError(op, path, syscall.EINVAL, "invalid argument: IterTime %v out of range", opts.IterTime)
+	}
+	co.iter_time_ms = C.uint32_t(opts.IterTime / time.Millisecond)
+	for _, f := range []struct {
+		what, val string
+		dst       **C.char
+	}{
+		{"cipher algorithm", opts.CipherAlg, &co.cipher_alg},
+		{"cipher mode", opts.CipherMode, &co.cipher_mode},
+		{"IV generator", opts.IvgenAlg, &co.ivgen_alg},
+		{"IV generator hash", opts.IvgenHashAlg, &co.ivgen_hash_alg},
+		{"hash algorithm", opts.HashAlg, &co.hash_alg},
+	} {
+		if f.val != "" {
+			s, err := strs.add(op, path, f.what, f.val)
+			if err != nil {
+				return err
+			}
+			*f.dst = s
+		}
+	}
+	p, n := strs.addSecret(opts.Secret)
+	co.secret, co.secret_len = p, n
 	return nil
 }
 
@@ -207,6 +291,13 @@ type OpenOptions struct {
 	// Check opens an image marked corrupt read-write for Check to repair (other
 	// writes fail until a repair leaves nothing to fix), as qemu-img check does.
 	Check bool
+	// Secret is the passphrase of an encrypted image (and of encrypted backing
+	// files). Without it opening one fails with syscall.ENOKEY, with a wrong one
+	// syscall.EKEYREJECTED. The binding zeroes its C copy after the call.
+	Secret []byte
+	// MetadataOnly opens an encrypted image without its passphrase, for Info, Check
+	// and Map; reading or writing its data then fails with syscall.ENOKEY.
+	MetadataOnly bool
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -271,6 +362,12 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		if opts.Check {
 			co.flags |= C.COWDISK_OPEN_CHECK
 		}
+		if opts.MetadataOnly {
+			co.flags |= C.COWDISK_OPEN_METADATA_ONLY
+		}
+		var strs cStrings
+		defer strs.free()
+		co.secret, co.secret_len = strs.addSecret(opts.Secret)
 		co.compressed_cache_size = C.uint64_t(opts.CompressedCacheSize)
 		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)
 		co.max_backing_depth = C.uint32_t(opts.MaxBackingDepth)
@@ -467,6 +564,8 @@ type Info struct {
 	BackingFile string
 	// BackingFormat is the backing format as stored in the image ("" = none).
 	BackingFormat string
+	// EncryptFormat is "luks", "aes" (legacy) or "" when the image is not encrypted.
+	EncryptFormat string
 }
 
 // cArrayString converts a NUL-terminated C char array to a Go string, never
@@ -504,6 +603,12 @@ func (img *Image) Info() (Info, error) {
 		HostSize:      uint64(ci.host_size),
 		BackingFile:   cArrayString(&ci.backing_file[0], len(ci.backing_file)),
 		BackingFormat: cArrayString(&ci.backing_format[0], len(ci.backing_format)),
+	}
+	switch ci.encrypt_format {
+	case C.COWDISK_ENCRYPT_AES:
+		info.EncryptFormat = "aes"
+	case C.COWDISK_ENCRYPT_LUKS:
+		info.EncryptFormat = "luks"
 	}
 	if c := int(ci.compression_type); c < len(compressionNames) {
 		info.CompressionType = compressionNames[c]

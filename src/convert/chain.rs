@@ -27,6 +27,8 @@ pub struct CommitOptions {
     pub keep_top: bool,
     /// Worker threads (0 = the default).
     pub workers: usize,
+    /// The passphrase of encrypted images of the chain.
+    pub secret: Option<crate::crypto::Secret>,
 }
 
 /// Commits the image at `path` into a base of its backing chain (see the module
@@ -46,6 +48,7 @@ pub fn commit(
         path,
         &OpenOptions {
             locking: false,
+            secret: opts.secret.clone(),
             ..OpenOptions::default()
         },
     )?;
@@ -82,6 +85,7 @@ pub fn commit(
         &base_path,
         &OpenSpec {
             format: Some(Format::parse(&base_info.format)?),
+            secret: opts.secret.clone(),
             ..OpenSpec::default()
         },
     )?;
@@ -149,6 +153,8 @@ pub struct RebaseOptions {
     pub force_share: bool,
     /// Worker threads (0 = the default).
     pub workers: usize,
+    /// The passphrase of the image and of encrypted backing files.
+    pub secret: Option<crate::crypto::Secret>,
 }
 
 /// What a safe rebase did.
@@ -174,6 +180,7 @@ pub fn rebase(
             path,
             &OpenOptions {
                 follow_backing: false,
+                metadata_only: true,
                 ..OpenOptions::default()
             },
         )?;
@@ -181,7 +188,13 @@ pub fn rebase(
         img.close()?;
         return Ok(RebaseReport::default());
     }
-    let img = Arc::new(Image::open(path, &OpenOptions::default())?);
+    let img = Arc::new(Image::open(
+        path,
+        &OpenOptions {
+            secret: opts.secret.clone(),
+            ..OpenOptions::default()
+        },
+    )?);
     let new_backing = match new_name {
         None => None,
         Some(name) => {
@@ -196,6 +209,7 @@ pub fn rebase(
                     .map(Format::parse)
                     .transpose()?,
                 force_share: opts.force_share,
+                secret: opts.secret.clone(),
                 ..OpenSpec::default()
             };
             Some(Arc::new(Source::open(&resolved, &spec)?))

@@ -68,6 +68,8 @@ pub struct OpenSpec {
     pub force_share: bool,
     /// Targets: never flush the file (`-t unsafe`, see `OpenOptions::no_flush`).
     pub no_flush: bool,
+    /// The passphrase of an encrypted image (and its encrypted backing files).
+    pub secret: Option<crate::crypto::Secret>,
 }
 
 /// Where guest bytes come from.
@@ -111,6 +113,7 @@ impl Source {
                     direct: spec.direct,
                     force_share: spec.force_share,
                     snapshot: spec.snapshot.clone(),
+                    secret: spec.secret.clone(),
                     ..OpenOptions::default()
                 };
                 Ok(Source::Qcow2(Image::open(path, &opts)?))
@@ -227,6 +230,7 @@ impl Target {
                 let opts = OpenOptions {
                     direct: spec.direct,
                     no_flush: spec.no_flush,
+                    secret: spec.secret.clone(),
                     ..OpenOptions::default()
                 };
                 Ok(Target::Qcow2(Image::open(path, &opts)?))

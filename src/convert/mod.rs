@@ -135,6 +135,7 @@ pub fn convert(
             format: Some(opts.target_format),
             direct: opts.target_direct,
             no_flush: opts.target_no_flush,
+            secret: opts.create.secret.clone(),
             ..OpenSpec::default()
         };
         let target = Target::open(dst, &spec)?;
@@ -175,6 +176,7 @@ fn create_target(dst: &Path, size: u64, opts: &ConvertOptions) -> Result<Target>
                 format: Some(Format::Qcow2),
                 direct: opts.target_direct,
                 no_flush: opts.target_no_flush,
+                secret: opts.create.secret.clone(),
                 ..OpenSpec::default()
             };
             Target::open(dst, &spec)
@@ -190,6 +192,7 @@ fn create_target(dst: &Path, size: u64, opts: &ConvertOptions) -> Result<Target>
                 format: Some(Format::Raw),
                 direct: opts.target_direct,
                 no_flush: opts.target_no_flush,
+                secret: opts.create.secret.clone(),
                 ..OpenSpec::default()
             };
             Target::open(dst, &spec)

@@ -5,7 +5,7 @@ use std::ffi::{c_char, c_int, c_void};
 
 use super::c_path;
 use super::errors::guard;
-use super::options::{cowdisk_create_opts, create_options, opt_string, read_versioned};
+use super::options::{c_secret, cowdisk_create_opts, create_options, opt_string, read_versioned};
 use crate::convert::{
     self, CommitOptions, Comparison, ConvertOptions, Format, OpenSpec, RebaseOptions, Source,
 };
@@ -75,6 +75,12 @@ pub struct cowdisk_convert_opts {
     pub progress: cowdisk_progress_fn,
     /// Passed to `progress`.
     pub opaque: *mut c_void,
+    /// Passphrase bytes of an encrypted source (and of an encrypted existing target
+    /// when `create->secret` is not set), or NULL. A new encrypted target takes its
+    /// passphrase from `create`. Borrowed for the call only.
+    pub secret: *const c_void,
+    /// Length of `secret` in bytes.
+    pub secret_len: usize,
 }
 
 /// Calls a C progress callback; non-zero means cancel.
@@ -123,6 +129,7 @@ unsafe fn convert_options(
         snapshot: opt_string(c.snapshot, "snapshot")?,
         force_share: flag(COWDISK_CONVERT_FORCE_SHARE),
         no_flush: false,
+        secret: c_secret(c.secret, c.secret_len)?,
     };
     out.target_format = if flag(COWDISK_CONVERT_TARGET_RAW) {
         Format::Raw
@@ -130,6 +137,9 @@ unsafe fn convert_options(
         Format::Qcow2
     };
     out.create = create_options(c.create)?;
+    if out.create.secret.is_none() && flag(COWDISK_CONVERT_EXISTING_TARGET) {
+        out.create.secret = out.source.secret.clone();
+    }
     if let Some(b) = opt_string(c.backing_file, "backing_file")? {
         out.create.backing_file = Some(b);
     }
@@ -291,6 +301,7 @@ pub unsafe extern "C" fn cowdisk_commit(
             base,
             keep_top: flags & COWDISK_COMMIT_KEEP != 0,
             workers: 0,
+            secret: None,
         };
         let mut cb = c_progress(progress, opaque);
         convert::commit(&path, &opts, Some(&mut cb)).map(|_| ())
@@ -334,6 +345,7 @@ pub unsafe extern "C" fn cowdisk_rebase(
             unsafe_mode: flags & COWDISK_REBASE_UNSAFE != 0,
             force_share: false,
             workers: 0,
+            secret: None,
         };
         let mut cb = c_progress(progress, opaque);
         convert::rebase(&path, &opts, Some(&mut cb)).map(|_| ())

@@ -104,6 +104,9 @@ errno_table! {
     ERANGE => "result out of range",
     E2BIG => "argument list too long",
     EBADF => "bad file descriptor",
+    ECANCELED => "operation cancelled",
+    ENOKEY => "a passphrase is needed",
+    EKEYREJECTED => "the passphrase was rejected",
 }
 
 /// Returns a static description of an errno value; accepts `-EINVAL` or `EINVAL`.

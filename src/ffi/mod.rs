@@ -72,6 +72,19 @@ pub const COWDISK_OPEN_NO_LOCK: u32 = 64;
 /// marked corrupt opens read-write (writes other than repairs fail until a repair
 /// leaves nothing to fix), and a dirty lazy-refcounts image is not rebuilt on open.
 pub const COWDISK_OPEN_CHECK: u32 = 128;
+/// Open for metadata only: an encrypted image opens without its passphrase (for
+/// `cowdisk_get_info`, `cowdisk_check`, `cowdisk_block_status`); reads and writes
+/// of its data then fail with `-ENOKEY`.
+pub const COWDISK_OPEN_METADATA_ONLY: u32 = 256;
+
+/// `cowdisk_create_opts.encrypt_format` and `cowdisk_info.encrypt_format`: not
+/// encrypted.
+pub const COWDISK_ENCRYPT_NONE: u32 = 0;
+/// Legacy qcow AES-CBC (crypt method 1), weak and deprecated by QEMU: only when asked
+/// for explicitly.
+pub const COWDISK_ENCRYPT_AES: u32 = 1;
+/// LUKS1 (crypt method 2), QEMU's encryption for qcow2.
+pub const COWDISK_ENCRYPT_LUKS: u32 = 2;
 
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;

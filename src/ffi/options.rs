@@ -1,16 +1,38 @@
 //! The C option and info structs and their conversion to the engine's types.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 
+use crate::crypto::{luks_options_from_qemu, Secret};
 use crate::error::{Error, Result};
-use crate::image::{CompressionType, CreateOptions, ImageInfo, OpenOptions};
+use crate::image::{
+    CompressionType, CreateOptions, EncryptionFormat, EncryptionInfo, ImageInfo, OpenOptions,
+};
 
 use super::{
-    COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY,
-    COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT,
-    COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_NO_BACKING,
-    COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
+    COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS, COWDISK_ENCRYPT_NONE,
+    COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY,
+    COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE,
+    COWDISK_OPEN_METADATA_ONLY, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE,
+    COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
 };
+
+/// Copies a caller's passphrase (`ptr`, `len`) into a zeroed-on-drop [`Secret`].
+///
+/// # Safety
+/// `ptr` must be NULL or valid for `len` readable bytes.
+pub(super) unsafe fn c_secret(ptr: *const c_void, len: usize) -> Result<Option<Secret>> {
+    if ptr.is_null() {
+        if len != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "secret is NULL but secret_len is {len}"
+            )));
+        }
+        return Ok(None);
+    }
+    Ok(Some(Secret::new(
+        std::slice::from_raw_parts(ptr as *const u8, len).to_vec(),
+    )))
+}
 
 /// Options for `cowdisk_create()`. Zero fields mean "default".
 #[repr(C)]
@@ -32,6 +54,25 @@ pub struct cowdisk_create_opts {
     pub backing_file: *const c_char,
     /// Backing format ("qcow2" or "raw"), or NULL to probe. Borrowed for the call only.
     pub backing_format: *const c_char,
+    /// Passphrase bytes of an encrypted image (not NUL-terminated; `secret_len`
+    /// bytes), or NULL. Borrowed for the call only; cowdisk keeps no copy past it.
+    pub secret: *const c_void,
+    /// Length of `secret` in bytes.
+    pub secret_len: usize,
+    /// `COWDISK_ENCRYPT_*`: 0 none, 1 legacy AES, 2 LUKS (needs `secret`).
+    pub encrypt_format: u32,
+    /// LUKS: milliseconds of PBKDF2 work for the key slot (0 = QEMU's 2000).
+    pub iter_time_ms: u32,
+    /// LUKS cipher, QEMU's names: "aes-128", "aes-192", "aes-256" (NULL = aes-256).
+    pub cipher_alg: *const c_char,
+    /// LUKS cipher mode: "xts" or "cbc" (NULL = xts).
+    pub cipher_mode: *const c_char,
+    /// LUKS IV generator: "plain", "plain64" or "essiv" (NULL = plain64).
+    pub ivgen_alg: *const c_char,
+    /// Hash of the essiv IV generator: "sha1", "sha256", "sha512" (NULL = sha256).
+    pub ivgen_hash_alg: *const c_char,
+    /// PBKDF2 hash: "sha1", "sha256", "sha512" (NULL = sha256).
+    pub hash_alg: *const c_char,
 }
 
 /// Options for `cowdisk_open()`. Zero fields mean "default".
@@ -51,6 +92,12 @@ pub struct cowdisk_open_opts {
     /// Bytes of memory for the compressed-write cache (0 = 4 MiB; see
     /// `COWDISK_OPEN_NO_COMPRESSED_CACHE` to turn it off).
     pub compressed_cache_size: u64,
+    /// Passphrase bytes of an encrypted image and of encrypted backing files (not
+    /// NUL-terminated; `secret_len` bytes), or NULL. Borrowed for the call only: the
+    /// handle keeps only the derived key, zeroed when closed.
+    pub secret: *const c_void,
+    /// Length of `secret` in bytes.
+    pub secret_len: usize,
 }
 
 /// Facts about an open image, filled by `cowdisk_get_info`.
@@ -83,6 +130,10 @@ pub struct cowdisk_info {
     pub backing_file: [c_char; 1024],
     /// Backing format as stored in the image, NUL-terminated ("" when none).
     pub backing_format: [c_char; 32],
+    /// `COWDISK_ENCRYPT_*`: how the image is encrypted.
+    pub encrypt_format: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
 }
 
 /// Reads a caller's struct that starts with `struct_size`, accepting older (shorter)
@@ -160,6 +211,36 @@ pub(super) unsafe fn create_options(opts: *const cowdisk_create_opts) -> Result<
     };
     out.backing_file = opt_string(c.backing_file, "backing_file")?;
     out.backing_format = opt_string(c.backing_format, "backing_format")?;
+    out.secret = c_secret(c.secret, c.secret_len)?;
+    out.encryption = match c.encrypt_format {
+        COWDISK_ENCRYPT_NONE => None,
+        COWDISK_ENCRYPT_AES => Some(EncryptionFormat::LegacyAes),
+        COWDISK_ENCRYPT_LUKS => {
+            let mut pairs = Vec::new();
+            for (key, ptr) in [
+                ("cipher-alg", c.cipher_alg),
+                ("cipher-mode", c.cipher_mode),
+                ("ivgen-alg", c.ivgen_alg),
+                ("ivgen-hash-alg", c.ivgen_hash_alg),
+                ("hash-alg", c.hash_alg),
+            ] {
+                if let Some(v) = opt_string(ptr, key)? {
+                    pairs.push((key, v));
+                }
+            }
+            let iter = c.iter_time_ms.to_string();
+            if c.iter_time_ms != 0 {
+                pairs.push(("iter-time", iter));
+            }
+            let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Some(EncryptionFormat::Luks(luks_options_from_qemu(&borrowed)?))
+        }
+        n => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown encrypt_format {n} (0 none, 1 legacy AES, 2 LUKS)"
+            )))
+        }
+    };
     Ok(out)
 }
 
@@ -179,7 +260,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
         | COWDISK_OPEN_NO_COMPRESSED_CACHE
         | COWDISK_OPEN_FORCE_SHARE
         | COWDISK_OPEN_NO_LOCK
-        | COWDISK_OPEN_CHECK;
+        | COWDISK_OPEN_CHECK
+        | COWDISK_OPEN_METADATA_ONLY;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -193,6 +275,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.force_share = c.flags & COWDISK_OPEN_FORCE_SHARE != 0;
     out.locking = c.flags & COWDISK_OPEN_NO_LOCK == 0;
     out.check = c.flags & COWDISK_OPEN_CHECK != 0;
+    out.metadata_only = c.flags & COWDISK_OPEN_METADATA_ONLY != 0;
+    out.secret = c_secret(c.secret, c.secret_len)?;
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;
@@ -255,6 +339,11 @@ pub(super) unsafe fn write_info(info: &ImageInfo, out: *mut cowdisk_info) -> Res
     c.host_size = info.host_size;
     copy_c_string(&mut c.backing_file, info.backing_file.as_deref());
     copy_c_string(&mut c.backing_format, info.backing_format.as_deref());
+    c.encrypt_format = match info.encryption {
+        None => COWDISK_ENCRYPT_NONE,
+        Some(EncryptionInfo::LegacyAes) => COWDISK_ENCRYPT_AES,
+        Some(EncryptionInfo::Luks(_)) => COWDISK_ENCRYPT_LUKS,
+    };
     let n = (c.struct_size as usize).min(std::mem::size_of::<cowdisk_info>());
     std::ptr::copy_nonoverlapping(&c as *const cowdisk_info as *const u8, out as *mut u8, n);
     Ok(())

@@ -43,6 +43,10 @@ pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 /// Header extension: feature name table.
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_F857;
+/// The largest LUKS area accepted: a LUKS1 header with 8 slots of 4000 stripes of a
+/// 64-byte key needs about 2 MiB; 64 MiB bounds what a hostile image makes us read.
+pub const MAX_LUKS_AREA: u64 = 64 << 20;
+
 /// Header extension: full-disk encryption header pointer.
 pub const EXT_CRYPTO: u32 = 0x0537_BE77;
 /// Header extension: external data file name.
@@ -109,9 +113,17 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// Feature names read from the image (we write our own table).
     pub feature_names: Vec<FeatureName>,
+    /// Where the LUKS area lies (the "full disk encryption header pointer"
+    /// extension): host offset and length in bytes.
+    pub crypto_header: Option<(u64, u64)>,
     /// Extensions we preserve unchanged, in their original order.
     pub preserved_extensions: Vec<RawExtension>,
 }
+
+/// `crypt_method`: legacy AES-CBC keyed from the passphrase, IV from the guest sector.
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS, IV from the host sector.
+pub const CRYPT_LUKS: u32 = 2;
 
 fn be32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
@@ -156,6 +168,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             feature_names: Vec::new(),
+            crypto_header: None,
             preserved_extensions: Vec::new(),
         }
     }
@@ -295,6 +308,17 @@ impl Header {
                     }
                     self.backing_format = Some(name.to_string());
                 }
+                EXT_CRYPTO => {
+                    if len != 16 {
+                        return Err(corrupt!(
+                            "encryption header pointer extension is {len} bytes (must be 16)"
+                        ));
+                    }
+                    if self.crypto_header.is_some() {
+                        return Err(corrupt!("two encryption header pointer extensions"));
+                    }
+                    self.crypto_header = Some((be64(data, 0), be64(data, 8)));
+                }
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
                         let name_bytes = &entry[2..48];
@@ -345,11 +369,38 @@ impl Header {
                 self.refcount_order
             ));
         }
-        match self.crypt_method {
-            0 => {}
-            1 => return Err(unsupported!("encryption (legacy AES) is not supported yet")),
-            2 => return Err(unsupported!("encryption (LUKS) is not supported yet")),
-            m => return Err(corrupt!("unknown crypt_method {m}")),
+        match (self.crypt_method, self.crypto_header) {
+            (0 | CRYPT_AES, None) => {}
+            (0 | CRYPT_AES, Some(_)) => {
+                return Err(corrupt!(
+                    "an encryption header pointer extension in an image that is not LUKS-encrypted (crypt_method {})",
+                    self.crypt_method
+                ))
+            }
+            (CRYPT_LUKS, None) => {
+                return Err(corrupt!(
+                    "LUKS-encrypted image without its encryption header pointer extension"
+                ))
+            }
+            (CRYPT_LUKS, Some((offset, length))) => {
+                let cs = self.cluster_size();
+                if offset == 0 || offset % cs != 0 {
+                    return Err(corrupt!(
+                        "LUKS header at {offset:#x} is not at a cluster boundary after the header"
+                    ));
+                }
+                if length == 0 || offset.checked_add(length).is_none_or(|end| end > file_size) {
+                    return Err(corrupt!(
+                        "LUKS header at {offset:#x} (length {length}) lies outside the file ({file_size} bytes)"
+                    ));
+                }
+                if length > MAX_LUKS_AREA {
+                    return Err(corrupt!(
+                        "LUKS header length {length} is larger than any LUKS1 header ({MAX_LUKS_AREA})"
+                    ));
+                }
+            }
+            (m, _) => return Err(corrupt!("unknown crypt_method {m}")),
         }
         let known_incompat = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION;
         let unknown = self.incompatible_features & !known_incompat;
@@ -492,6 +543,12 @@ impl Header {
             out.resize(out.len().div_ceil(8) * 8, 0);
         };
         out.resize(out.len().div_ceil(8) * 8, 0);
+        if let Some((offset, length)) = self.crypto_header {
+            let mut data = [0u8; 16];
+            data[..8].copy_from_slice(&offset.to_be_bytes());
+            data[8..].copy_from_slice(&length.to_be_bytes());
+            push_ext(&mut out, EXT_CRYPTO, &data);
+        }
         if let Some(fmt) = &self.backing_format {
             push_ext(&mut out, EXT_BACKING_FORMAT, fmt.as_bytes());
         }
@@ -511,6 +568,7 @@ impl Header {
                 .map(|e| 8 + e.data.len().div_ceil(8) * 8)
                 .sum::<usize>()
                 + 8
+                + self.crypto_header.map_or(0, |_| 24)
                 + self.backing_file.as_ref().map_or(0, |b| b.len());
             if out.len() + 8 + table.len() + rest <= cs {
                 push_ext(&mut out, EXT_FEATURE_TABLE, &table);

@@ -4,5 +4,6 @@
 pub mod compressed;
 pub mod entry;
 pub mod header;
+pub mod luks;
 pub mod refcount;
 pub mod snapshot;

@@ -189,6 +189,12 @@ impl Meta {
     /// Makes every zero cluster plain data or unallocated (v2 has no zero flag),
     /// keeping what each reads as, then rewrites the header as v2.
     fn downgrade(&mut self) -> Result<()> {
+        if self.header.crypt_method != 0 {
+            // Zero clusters would become encrypted zero data, per guest or host sector.
+            return Err(crate::error::Error::Unsupported(
+                "amending an encrypted image to compat=0.10".into(),
+            ));
+        }
         let cs = self.cluster_size;
         let backing = self.header.backing_file.is_some();
         for table in self.all_l2_tables()? {

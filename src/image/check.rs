@@ -384,6 +384,9 @@ impl Meta {
         if h.nb_snapshots > 0 {
             w.counts.add(r, h.snapshots_offset, self.snapshots.size);
         }
+        if let Some((offset, length)) = h.crypto_header {
+            w.counts.add(r, offset, length);
+        }
         w.counts.add(
             r,
             h.refcount_table_offset,

@@ -590,6 +590,7 @@ impl Meta {
         compressed: &[Option<Vec<u8>>],
     ) -> Result<()> {
         let cs = self.cluster_size;
+        self.refuse_compressed_if_encrypted()?;
         self.check_compressed_targets(offset, raw.len() as u64 * cs)?;
         // A full cache that cannot be written out refuses the call before anything
         // changes; later write-outs that fail are retried by the next call or flush.
@@ -697,6 +698,20 @@ impl Meta {
 /// the compressed copies take).
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 
+impl Meta {
+    /// Compressed clusters of an encrypted image would be stored in the clear (QEMU 10
+    /// does that); cowdisk refuses to write them.
+    pub(crate) fn refuse_compressed_if_encrypted(&self) -> Result<()> {
+        if self.header.crypt_method != 0 {
+            return Err(Error::Unsupported(
+                "compressed writes into an encrypted image (they would be stored unencrypted)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl super::Image {
     /// Writes `buf` at guest `offset` as compressed clusters, with the image's
     /// compression type. `offset` must be cluster-aligned and `buf` whole clusters
@@ -796,6 +811,7 @@ impl super::Image {
     fn compressed_write_check(&self, len: u64, offset: u64) -> Result<(u64, CompressionType)> {
         let mut meta = self.lock()?;
         meta.check_writable()?;
+        meta.refuse_compressed_if_encrypted()?;
         super::Image::check_range64(&meta, len, offset, "compressed write")?;
         let cs = meta.cluster_size;
         let end = offset + len;

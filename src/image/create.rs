@@ -119,6 +119,8 @@ pub(crate) fn format_storage(
         opts.backing_format = Some(fmt.to_string());
     }
     validate(size, &opts)?;
+    let crypt_method =
+        super::encryption::validate_create(opts.encryption.as_ref(), opts.secret.as_ref())?;
 
     let cs = 1u64 << cluster_bits;
     // The header starts with size 0 (so it is valid without an L1 table); the real
@@ -135,6 +137,10 @@ pub(crate) fn format_storage(
     }
     header.backing_file = opts.backing_file.clone();
     header.backing_format = opts.backing_format.clone();
+    if crypt_method == crate::format::header::CRYPT_AES {
+        // Legacy AES has no header of its own: the method alone says it.
+        header.crypt_method = crypt_method;
+    }
 
     let mut first = header.serialize()?;
     first.resize(cs as usize, 0);
@@ -162,10 +168,19 @@ pub(crate) fn format_storage(
             storage,
             &OpenOptions {
                 follow_backing: false,
+                metadata_only: true,
                 ..OpenOptions::default()
             },
         )?;
-        image.lock()?.create_l1_table(l1_size, size)?;
+        {
+            let mut meta = image.lock()?;
+            meta.create_l1_table(l1_size, size)?;
+            if let (Some(super::EncryptionFormat::Luks(luks)), Some(secret)) =
+                (&opts.encryption, &opts.secret)
+            {
+                meta.create_luks_area(luks, secret)?;
+            }
+        }
         image.close()?;
     }
     Ok(())

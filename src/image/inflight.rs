@@ -25,6 +25,7 @@ use std::sync::{Arc, MutexGuard, RwLock, RwLockReadGuard};
 
 use super::backing::Backing;
 use super::compress::{decompress_cluster, CompressedRead};
+use super::encryption::Encryption;
 use super::meta::Meta;
 use super::read::ReadTask;
 use super::write::WriteStep;
@@ -43,6 +44,10 @@ pub(crate) struct DataIo {
     pub gate: Arc<RwLock<()>>,
     pub cluster_size: u64,
     pub compression: CompressionType,
+    /// The cipher of an encrypted image (see `encryption.rs`).
+    pub crypto: Option<Arc<Encryption>>,
+    /// The image is encrypted (data I/O without `crypto` fails: no key).
+    pub encrypted: bool,
 }
 
 impl DataIo {
@@ -58,6 +63,40 @@ impl DataIo {
             .read_at(&mut buf, host)
             .map_err(Meta::io_err(format!("reading host {host:#x} for {why}")))?;
         Ok(buf)
+    }
+
+    /// The cipher of an encrypted image (`None` when not encrypted); fails when the
+    /// image is encrypted but was opened without its key.
+    pub(crate) fn cipher(&self) -> Result<Option<&Encryption>> {
+        match (&self.crypto, self.encrypted) {
+            (Some(c), _) => Ok(Some(c)),
+            (None, false) => Ok(None),
+            (None, true) => Err(super::encryption::key_needed()),
+        }
+    }
+
+    /// Reads `len` bytes of guest data at host offset `host` (guest offset `guest`),
+    /// decrypted.
+    pub(crate) fn read_data(&self, len: u64, host: u64, guest: u64, why: &str) -> Result<Vec<u8>> {
+        let mut buf = self.read_host(len, host, why)?;
+        if let Some(c) = self.cipher()? {
+            c.decrypt(host, guest, &mut buf)?;
+        }
+        Ok(buf)
+    }
+
+    /// Writes guest data at host offset `host` (guest offset `guest`), encrypted on
+    /// the way when the image is.
+    pub(crate) fn write_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
+        let written = match self.cipher()? {
+            Some(c) => {
+                let mut sealed = data.to_vec();
+                c.encrypt(host, guest, &mut sealed)?;
+                self.storage.write_at(&sealed, host)
+            }
+            None => self.storage.write_at(data, host),
+        };
+        written.map_err(Meta::io_err(format!("writing guest data at {host:#x}")))
     }
 
     /// Reads unallocated guest bytes at `guest` from the backing chain (zeros without
@@ -84,12 +123,22 @@ impl DataIo {
         let mut last: Decompressed = None;
         for &task in tasks {
             match task {
-                ReadTask::Host { host, start, len } => self
-                    .storage
-                    .read_at(&mut buf[start..start + len], host)
-                    .map_err(Meta::io_err(format!(
-                        "reading guest data at host {host:#x}"
-                    )))?,
+                ReadTask::Host {
+                    host,
+                    guest,
+                    start,
+                    len,
+                } => {
+                    let piece = &mut buf[start..start + len];
+                    self.storage
+                        .read_at(piece, host)
+                        .map_err(Meta::io_err(format!(
+                            "reading guest data at host {host:#x}"
+                        )))?;
+                    if let Some(c) = self.cipher()? {
+                        c.decrypt(host, guest, piece)?;
+                    }
+                }
                 ReadTask::Backing { guest, start, len } => {
                     self.read_backing(&mut buf[start..start + len], guest)?
                 }
@@ -155,6 +204,15 @@ impl Image {
     /// virtual size. Host and backing I/O run without the image lock, so reads and
     /// writes from many threads overlap.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.encrypted && super::encryption::unaligned(offset, buf.len()) {
+            return self.read_unaligned_sectors(buf, offset);
+        }
+        self.read_aligned(buf, offset)
+    }
+
+    /// [`Image::read_at`] of a request an encrypted image can serve directly (whole
+    /// sectors), or of any request of an unencrypted image.
+    pub(crate) fn read_aligned(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut meta = self.lock()?;
         Image::check_range(&meta, buf.len(), offset, "read")?;
         let tasks = meta
@@ -183,6 +241,18 @@ impl Image {
     /// (old bytes, new bytes, or a mix), while everything outside it is unchanged and
     /// no cluster leaks.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.encrypted {
+            if super::encryption::unaligned(offset, buf.len()) {
+                return self.write_unaligned_sectors(buf, offset);
+            }
+            let _shared = self.sector_rmw.read().unwrap_or_else(|e| e.into_inner());
+            return self.write_aligned(buf, offset);
+        }
+        self.write_aligned(buf, offset)
+    }
+
+    /// [`Image::write_at`] of whole sectors (any request for an unencrypted image).
+    pub(crate) fn write_aligned(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut meta = self.lock()?;
         meta.check_writable()?;
         Image::check_range(&meta, buf.len(), offset, "write")?;
@@ -202,10 +272,7 @@ impl Image {
                     let io = meta.data_io();
                     let gate = io.enter();
                     drop(meta);
-                    let written = io
-                        .storage
-                        .write_at(&buf[done..done + len], host)
-                        .map_err(Meta::io_err(format!("writing guest data at {host:#x}")));
+                    let written = io.write_data(&buf[done..done + len], host, at);
                     drop(gate);
                     done += len;
                     if written.is_ok() && done == buf.len() {

@@ -50,6 +50,11 @@ pub(crate) struct Meta {
     pub backing_refused: bool,
     /// The open options said not to open backing files (`follow_backing: false`).
     pub backing_disabled: bool,
+    /// The unlocked cipher of an encrypted image (`None`: not encrypted, or opened
+    /// for metadata only without its key).
+    pub crypto: Option<Arc<super::encryption::Encryption>>,
+    /// How the image is encrypted, for `info`.
+    pub encryption_info: Option<super::EncryptionInfo>,
     pub read_only: bool,
     /// Punch freed host clusters out of the file.
     pub discard_unmap: bool,
@@ -120,6 +125,8 @@ impl Meta {
             gate: Arc::clone(&self.gate),
             cluster_size: self.cluster_size,
             compression: self.compression_type(),
+            crypto: self.crypto.clone(),
+            encrypted: self.header.crypt_method != 0,
         }
     }
 

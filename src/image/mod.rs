@@ -10,6 +10,7 @@ mod check;
 mod cluster;
 mod compress;
 mod create;
+mod encryption;
 mod inflight;
 mod layers;
 mod meta;
@@ -53,6 +54,11 @@ pub struct Image {
     path: Option<PathBuf>,
     closed: bool,
     vmstate: vmstate::VmState,
+    /// The image is encrypted: guest I/O goes through whole 512-byte sectors.
+    encrypted: bool,
+    /// Unaligned writes of an encrypted image hold this exclusively across their
+    /// read-modify-write of partial sectors; aligned writes share it.
+    sector_rmw: std::sync::RwLock<()>,
 }
 
 impl Image {
@@ -107,6 +113,7 @@ impl Image {
 
     fn from_meta(meta: Meta, path: Option<PathBuf>) -> Image {
         let cluster_size = meta.cluster_size;
+        let encrypted = meta.header.crypt_method != 0;
         let meta = Arc::new(Mutex::new(meta));
         Image {
             vmstate: vmstate::VmState::new(Arc::clone(&meta), cluster_size),
@@ -114,6 +121,8 @@ impl Image {
             allocation_ended: Condvar::new(),
             path,
             closed: false,
+            encrypted,
+            sector_rmw: std::sync::RwLock::new(()),
         }
     }
 
@@ -193,6 +202,10 @@ impl Image {
         let mut out = Vec::new();
         meta.block_status(offset, len, 0, &mut out, limit.max(1))?;
         out.truncate(limit.max(1));
+        if self.encrypted {
+            // Host bytes of an encrypted image are not the guest's: like QEMU, no offset.
+            out.iter_mut().for_each(|e| e.offset = None);
+        }
         Ok(out)
     }
 
@@ -264,6 +277,7 @@ impl Image {
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
             backing_chain: meta.backing.as_ref().map(|b| b.chain()).unwrap_or_default(),
+            encryption: meta.encryption_info.clone(),
         }
     }
 

@@ -54,6 +54,7 @@ pub(crate) fn open_meta(
     let cluster_size = 1u64 << cluster_bits;
     let header_bytes = read_exact(&*storage, file_size.min(cluster_size), 0, "header")?;
     let header = Header::parse(&header_bytes, file_size)?;
+    let unlocked = super::encryption::unlock(&*storage, &header, opts, path)?;
 
     let marked_corrupt = header.incompatible_features & INCOMPAT_CORRUPT != 0;
     if !opts.read_only && marked_corrupt && !opts.check {
@@ -122,6 +123,8 @@ pub(crate) fn open_meta(
         backing: backing.map(Arc::new),
         backing_refused,
         backing_disabled: !opts.follow_backing,
+        crypto: unlocked.crypto,
+        encryption_info: unlocked.info,
         read_only: opts.read_only,
         discard_unmap: opts.discard_unmap,
         host_end: file_size,

@@ -1,5 +1,7 @@
 //! Options for creating and opening images, and the facts `info` reports.
 
+pub use crate::crypto::{LuksCreateOptions, LuksInfo, Secret};
+
 /// How compressed clusters of an image are encoded (header field `compression_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CompressionType {
@@ -45,6 +47,20 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Compression type for compressed clusters (v3 only for zstd).
     pub compression_type: CompressionType,
+    /// Encrypt the new image (`encrypt.format=`); needs `secret`.
+    pub encryption: Option<EncryptionFormat>,
+    /// The passphrase of a new encrypted image.
+    pub secret: Option<Secret>,
+}
+
+/// How a new image is encrypted.
+#[derive(Debug, Clone)]
+pub enum EncryptionFormat {
+    /// Legacy qcow AES-CBC (crypt method 1). Weak, deprecated by QEMU: only when asked
+    /// for explicitly.
+    LegacyAes,
+    /// LUKS1 (crypt method 2) with these cipher and key-derivation settings.
+    Luks(LuksCreateOptions),
 }
 
 impl Default for CreateOptions {
@@ -57,6 +73,8 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: CompressionType::Zlib,
+            encryption: None,
+            secret: None,
         }
     }
 }
@@ -108,6 +126,14 @@ pub struct OpenOptions {
     /// images and one-shot copies that are redone after a crash (`convert -t unsafe`,
     /// qemu-img convert's default).
     pub no_flush: bool,
+    /// The passphrase of an encrypted image (and of encrypted backing files). Without
+    /// one, opening an encrypted image fails with [`Error::NoKey`](crate::error::Error::NoKey)
+    /// unless `metadata_only`.
+    pub secret: Option<Secret>,
+    /// Open for metadata only (info, check, map without data): an encrypted image
+    /// opens without its passphrase, and reading or writing its data then fails with
+    /// `NoKey`. Implies nothing about writability by itself.
+    pub metadata_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -126,6 +152,8 @@ impl Default for OpenOptions {
             overlap_checks: true,
             snapshot: None,
             no_flush: false,
+            secret: None,
+            metadata_only: false,
         }
     }
 }
@@ -174,4 +202,15 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// The opened backing chain, nearest first (empty when none or not followed).
     pub backing_chain: Vec<BackingInfo>,
+    /// How the image is encrypted (readable without the passphrase), or `None`.
+    pub encryption: Option<EncryptionInfo>,
+}
+
+/// How an image is encrypted, as `qemu-img info` reports it.
+#[derive(Debug, Clone)]
+pub enum EncryptionInfo {
+    /// Legacy AES-CBC (crypt method 1).
+    LegacyAes,
+    /// LUKS (crypt method 2): the LUKS header's settings and key slots.
+    Luks(LuksInfo),
 }

@@ -30,6 +30,7 @@ pub(crate) enum Kind {
     SnapshotTable = 32,
     SnapshotL1 = 64,
     SnapshotL2 = 128,
+    LuksHeader = 256,
 }
 
 impl Kind {
@@ -43,6 +44,7 @@ impl Kind {
             Kind::SnapshotTable => "snapshot table",
             Kind::SnapshotL1 => "inactive L1 table",
             Kind::SnapshotL2 => "inactive L2 table",
+            Kind::LuksHeader => "LUKS header",
         }
     }
 }
@@ -136,6 +138,9 @@ impl Meta {
                     ix.add(table >> cb, 1, Kind::ActiveL2);
                 }
             }
+        }
+        if let Some((offset, length)) = h.crypto_header {
+            ix.add(offset >> cb, clusters(length), Kind::LuksHeader);
         }
         if h.nb_snapshots > 0 {
             ix.add(

@@ -12,8 +12,14 @@ use crate::format::entry::Mapping;
 /// A piece of a read that needs I/O, run with or without the lock.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ReadTask {
-    /// `len` bytes at host offset `host` into the buffer at `start`.
-    Host { host: u64, start: usize, len: usize },
+    /// `len` bytes at host offset `host` (guest offset `guest`) into the buffer at
+    /// `start`.
+    Host {
+        host: u64,
+        guest: u64,
+        start: usize,
+        len: usize,
+    },
     /// `len` unallocated bytes at guest offset `guest` from the backing chain (zeros
     /// without one) into the buffer at `start`.
     Backing {
@@ -72,6 +78,7 @@ impl Meta {
     /// what needs I/O is returned as tasks (contiguous pieces merged), which may run
     /// without the lock.
     pub(crate) fn plan_read(&mut self, buf: &mut [u8], offset: u64) -> Result<Vec<ReadTask>> {
+        self.check_key()?;
         let cs = self.cluster_size;
         let mut tasks = Vec::new();
         let mut run: Option<(Source, usize, usize)> = None; // (source, buf start, len)
@@ -99,7 +106,7 @@ impl Meta {
             run = match run {
                 Some((s, start, len)) if continues(s, len, source) => Some((s, start, len + n)),
                 Some((s, start, len)) => {
-                    self.resolve_run(s, buf, start, len, &mut tasks)?;
+                    self.resolve_run(s, buf, offset, start, len, &mut tasks)?;
                     Some((source, done, n))
                 }
                 None => Some((source, done, n)),
@@ -107,7 +114,7 @@ impl Meta {
             done += n;
         }
         if let Some((s, start, len)) = run {
-            self.resolve_run(s, buf, start, len, &mut tasks)?;
+            self.resolve_run(s, buf, offset, start, len, &mut tasks)?;
         }
         Ok(tasks)
     }
@@ -117,12 +124,18 @@ impl Meta {
         &mut self,
         source: Source,
         buf: &mut [u8],
+        offset: u64,
         start: usize,
         len: usize,
         tasks: &mut Vec<ReadTask>,
     ) -> Result<()> {
         match source {
-            Source::Host(host) => tasks.push(ReadTask::Host { host, start, len }),
+            Source::Host(host) => tasks.push(ReadTask::Host {
+                host,
+                guest: offset + start as u64,
+                start,
+                len,
+            }),
             Source::Backing(guest) => tasks.push(ReadTask::Backing { guest, start, len }),
             Source::Zero => buf[start..start + len].fill(0),
             Source::Compressed {

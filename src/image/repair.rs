@@ -91,6 +91,9 @@ impl Meta {
             cluster_bits: self.cluster_bits,
         };
         counts.add("header", 0, cs)?;
+        if let Some((offset, length)) = self.header.crypto_header {
+            counts.add("LUKS header", offset, length)?;
+        }
         counts.add(
             "L1 table",
             self.header.l1_table_offset,

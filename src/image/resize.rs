@@ -44,7 +44,7 @@ impl Meta {
         let tail_end = old_size.next_multiple_of(self.cluster_size).min(new_size);
         if tail_end > old_size {
             if let Mapping::Normal { .. } | Mapping::Compressed { .. } = self.mapping(old_size)? {
-                self.write(&vec![0u8; (tail_end - old_size) as usize], old_size)?;
+                self.write_sectors(&vec![0u8; (tail_end - old_size) as usize], old_size)?;
             }
         }
         if let Some(b) = &self.backing {

@@ -629,6 +629,7 @@ impl Image {
     /// `vm_state_size` to record the state. After a failure every later save fails
     /// with the same error.
     pub fn save_vmstate(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.refuse_vmstate_if_encrypted()?;
         self.vmstate.save(buf, pos)
     }
 
@@ -636,12 +637,14 @@ impl Image {
     /// returning, without the buffer and the pool (for comparisons and benchmarks;
     /// [`Image::save_vmstate`] is the fast way).
     pub fn save_vmstate_unbuffered(&self, buf: &[u8], pos: u64) -> Result<()> {
+        self.refuse_vmstate_if_encrypted()?;
         self.vmstate.save_unbuffered(buf, pos)
     }
 
     /// Writes the buffered VM state, waits for the workers and returns the first
     /// error any save met.
     pub fn finalize_vmstate(&self) -> Result<()> {
+        self.refuse_vmstate_if_encrypted()?;
         self.vmstate.finalize()
     }
 
@@ -649,6 +652,20 @@ impl Image {
     /// [`Image::snapshot_goto`]: the snapshot's state). Unsaved bytes read as zeros.
     /// Small reads are served from a read-ahead of one buffer size.
     pub fn load_vmstate(&self, buf: &mut [u8], pos: u64) -> Result<()> {
+        self.refuse_vmstate_if_encrypted()?;
         self.vmstate.load(buf, pos)
+    }
+}
+
+impl Image {
+    /// VM state of encrypted images is not supported (QEMU encrypts it like data;
+    /// cowdisk's VM-state pool writes clusters directly).
+    fn refuse_vmstate_if_encrypted(&self) -> Result<()> {
+        if self.encrypted {
+            return Err(Error::Unsupported(
+                "VM state in encrypted images is not supported".into(),
+            ));
+        }
+        Ok(())
     }
 }

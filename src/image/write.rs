@@ -102,6 +102,23 @@ impl Allocation {
     /// tail of one cluster are close) and writes head + data + tail in one request.
     /// Runs with or without the lock; `data` is this step's guest bytes.
     pub(crate) fn fill(&self, io: &DataIo, data: &[u8]) -> Result<()> {
+        if let Some(c) = io.cipher()? {
+            // Encrypted: the whole run is sealed for its new place, head and tail
+            // included (zeros on the host would not decrypt to zeros).
+            let (head, tail) = self.cow_regions(io)?;
+            let mut whole = Vec::with_capacity(head.len() + data.len() + tail.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(data);
+            whole.extend_from_slice(&tail);
+            c.encrypt(self.host, self.cluster_start(), &mut whole)?;
+            return io
+                .storage
+                .write_at(&whole, self.host)
+                .map_err(Meta::io_err(format!(
+                    "writing guest data to {} cluster(s) at {:#x}",
+                    self.n, self.host
+                )));
+        }
         let written = if self.fresh {
             io.storage.write_at(data, self.host + self.head_len())
         } else {
@@ -128,7 +145,7 @@ impl Allocation {
             // Both regions of one cluster from the same place: one request when close.
             let whole = match &self.head {
                 OldData::Host(h) if gap <= COW_MERGE_GAP => {
-                    Some(io.read_host(cs, *h, "copy-on-write")?)
+                    Some(io.read_data(cs, *h, start, "copy-on-write")?)
                 }
                 OldData::Backing if gap <= COW_MERGE_GAP => {
                     let mut all = vec![0u8; cs as usize];
@@ -162,7 +179,7 @@ fn region<'a>(
         _ if len == 0 => Cow::Borrowed(&[]),
         OldData::Zero => Cow::Borrowed(&ZEROS[..len as usize]),
         OldData::Bytes(b) => Cow::Borrowed(&b[..]),
-        OldData::Host(h) => Cow::Owned(io.read_host(len, h + within, "copy-on-write")?),
+        OldData::Host(h) => Cow::Owned(io.read_data(len, h + within, guest, "copy-on-write")?),
         OldData::Backing => {
             let mut buf = vec![0u8; len as usize];
             io.read_backing(&mut buf, guest)?;
@@ -191,7 +208,15 @@ impl Meta {
         while done < buf.len() {
             match self.plan_write(&buf[done..], offset + done as u64, true)? {
                 WriteStep::InPlace { host, len } => {
-                    self.write_host("guest data", &buf[done..done + len], host)?;
+                    let guest = offset + done as u64;
+                    match &self.crypto {
+                        Some(c) => {
+                            let mut sealed = buf[done..done + len].to_vec();
+                            c.encrypt(host, guest, &mut sealed)?;
+                            self.write_host("guest data", &sealed, host)?;
+                        }
+                        None => self.write_host("guest data", &buf[done..done + len], host)?,
+                    }
                     done += len;
                 }
                 WriteStep::Allocate(a) => {
@@ -224,6 +249,7 @@ impl Meta {
         offset: u64,
         locked: bool,
     ) -> Result<WriteStep> {
+        self.check_key()?;
         let cs = self.cluster_size;
         let within = offset & (cs - 1);
         let first = ((cs - within) as usize).min(buf.len());

@@ -63,7 +63,7 @@ impl Meta {
 
     fn write_zero_data(&mut self, offset: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len as usize];
-        self.write(&zeros, offset)
+        self.write_sectors(&zeros, offset)
     }
 
     fn zero_whole_cluster(&mut self, cluster: u64, may_unmap: bool) -> Result<()> {

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 from . import _native
 from ._errors import check
-from ._image import _COMPRESSION_BY_NAME, _U32_MAX, _U64_MAX, _path_bytes, _uint
+from ._image import (
+    _COMPRESSION_BY_NAME,
+    _U32_MAX,
+    _U64_MAX,
+    _path_bytes,
+    _SecretBuffer,
+    _set_encryption,
+    _uint,
+)
 
 _lib = _native.lib
 
@@ -84,6 +92,10 @@ def convert(
     refcount_bits: int | None = None,
     lazy_refcounts: bool = False,
     compression_type: str | None = None,
+    secret=None,
+    encrypt_format: str | None = None,
+    target_secret=None,
+    iter_time: int = 0,
     progress=None,
 ) -> None:
     """Copies the image at ``src`` into ``dst``, as ``qemu-img convert`` does.
@@ -106,6 +118,11 @@ def convert(
     source another process writes (``-U``). ``backing_file`` gives the new target a
     backing file (``-B``, ``backing_format`` as ``-F``): only what reads differently
     from it is copied.
+
+    ``secret`` is the passphrase of an encrypted source (and of an encrypted existing
+    target unless ``target_secret`` is given); ``encrypt_format="luks"`` (or
+    ``"aes"``) encrypts a new target with ``target_secret`` (``iter_time`` ms of key
+    derivation, 0 = 2000), as ``-o encrypt.format=luks,encrypt.key-secret=…``.
 
     ``progress(done, total)`` (bytes) is called on this thread, at least at the start
     and at the end, ``done`` never going backwards. Returning ``False`` cancels (raises
@@ -145,9 +162,10 @@ def convert(
         opts.min_sparse = _uint(min_sparse, "min_sparse", _U64_MAX, src)
 
     create = None
-    if any(v is not None for v in (version, cluster_size, refcount_bits, compression_type)) or (
-        lazy_refcounts
-    ):
+    if any(
+        v is not None
+        for v in (version, cluster_size, refcount_bits, compression_type, encrypt_format, target_secret)
+    ) or (lazy_refcounts):
         create = _native.new_struct(_native.CreateOpts)
         create.version = _uint(version or 0, "version", _U32_MAX, dst)
         create.cluster_size = _uint(cluster_size or 0, "cluster_size", _U32_MAX, dst)
@@ -160,6 +178,7 @@ def convert(
                 raise ValueError(
                     f"compression_type must be 'zlib' or 'zstd', not {compression_type!r}"
                 ) from None
+        _set_encryption(create, encrypt_format, iter_time, None, None, None, None, None, dst)
         opts.create = ctypes.pointer(create)
     keep = [
         None if snapshot is None else snapshot.encode("utf-8"),
@@ -170,8 +189,20 @@ def convert(
 
     cb = _Progress(progress)
     opts.progress = cb.c_fn
-    rc = _lib.cowdisk_convert(s, d, ctypes.byref(opts))
-    cb.finish(rc, src)
+    with _SecretBuffer(secret) as source_key, _SecretBuffer(target_secret) as target_key:
+        source_key.attach(opts)
+        if create is not None:
+            target_key.attach(create)
+        rc = _lib.cowdisk_convert(s, d, ctypes.byref(opts))
+        error = cb.error
+        if error is None and rc < 0:
+            # Read the message before anything else runs on this thread.
+            try:
+                cb.finish(rc, src)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after wiping
+                error = e
+    if error is not None:
+        raise error
 
 
 @dataclass(frozen=True, slots=True)

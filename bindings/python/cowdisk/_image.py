@@ -23,6 +23,42 @@ _U64_MAX = 2**64 - 1
 
 _COMPRESSION_BY_NAME = {"zlib": _native.COMPRESSION_ZLIB, "zstd": _native.COMPRESSION_ZSTD}
 _COMPRESSION_BY_CODE = {v: k for k, v in _COMPRESSION_BY_NAME.items()}
+_ENCRYPT_BY_NAME = {"aes": _native.ENCRYPT_AES, "luks": _native.ENCRYPT_LUKS}
+_ENCRYPT_BY_CODE = {v: k for k, v in _ENCRYPT_BY_NAME.items()}
+
+
+class _SecretBuffer:
+    """A passphrase copied into a ctypes buffer that is wiped once the C call that
+    borrows it has returned (Python ``bytes``/``str`` cannot be wiped; keep their
+    lifetime short on your side)."""
+
+    def __init__(self, secret):
+        if secret is None:
+            self.buf, self.len = None, 0
+            return
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        data = bytes(memoryview(secret))
+        self.len = len(data)
+        self.buf = ctypes.create_string_buffer(data, max(self.len, 1))
+        del data
+
+    def attach(self, opts) -> None:
+        """Points ``opts.secret``/``opts.secret_len`` at the buffer."""
+        if self.buf is not None:
+            opts.secret = ctypes.cast(self.buf, ctypes.c_void_p)
+            opts.secret_len = self.len
+
+    def wipe(self) -> None:
+        if self.buf is not None:
+            ctypes.memset(self.buf, 0, ctypes.sizeof(self.buf))
+            self.buf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wipe()
 
 
 # --- argument conversion ------------------------------------------------------------------
@@ -72,6 +108,8 @@ class ImageInfo:
             the file may be longer while space is preallocated ahead).
         backing_file: backing file name stored in the image, or ``None``.
         backing_format: backing format stored in the image, or ``None``.
+        encrypt_format: ``"luks"``, ``"aes"`` (legacy) or ``None`` when the image is
+            not encrypted.
     """
 
     version: int
@@ -88,6 +126,7 @@ class ImageInfo:
     host_size: int
     backing_file: str | None
     backing_format: str | None
+    encrypt_format: str | None
 
     @classmethod
     def _from_c(cls, s: _native.Info) -> "ImageInfo":
@@ -111,6 +150,7 @@ class ImageInfo:
             host_size=s.host_size,
             backing_file=text(s.backing_file),
             backing_format=text(s.backing_format),
+            encrypt_format=_ENCRYPT_BY_CODE.get(s.encrypt_format),
         )
 
 
@@ -587,6 +627,14 @@ def create(
     backing_file=None,
     backing_format: str | None = None,
     compression_type: str = "zlib",
+    encrypt_format: str | None = None,
+    secret=None,
+    iter_time: int = 0,
+    cipher_alg: str | None = None,
+    cipher_mode: str | None = None,
+    ivgen_alg: str | None = None,
+    ivgen_hash_alg: str | None = None,
+    hash_alg: str | None = None,
 ) -> None:
     """Creates a new qcow2 image of ``size`` bytes at ``path`` (str or path-like).
 
@@ -597,6 +645,15 @@ def create(
     resolved against the image's directory when opened); ``backing_format`` is
     ``"qcow2"``, ``"raw"`` or ``None`` to probe. With a backing file and ``size`` 0, the
     backing file's size is used. Bad options raise :class:`cowdisk.Error` (``EINVAL``).
+
+    ``encrypt_format="luks"`` encrypts the image with LUKS (QEMU's default cipher
+    aes-256-xts-plain64 unless ``cipher_alg`` (``"aes-128"``, ``"aes-192"``,
+    ``"aes-256"``), ``cipher_mode`` (``"xts"``, ``"cbc"``), ``ivgen_alg``
+    (``"plain"``, ``"plain64"``, ``"essiv"``), ``ivgen_hash_alg`` or ``hash_alg``
+    (``"sha1"``, ``"sha256"``, ``"sha512"``) say otherwise; ``iter_time`` is the key
+    derivation time in ms, 0 = 2000); ``"aes"`` is QEMU's legacy AES, weak, only when
+    asked for. ``secret`` (bytes or str) is the passphrase; without one an encrypted
+    create fails with ``errno.ENOKEY``.
     """
     p = _path_bytes(path)
     size = _uint(size, "size", _U64_MAX, path)
@@ -616,7 +673,38 @@ def create(
     fmt = None if backing_format is None else _path_bytes(backing_format)
     opts.backing_file = backing
     opts.backing_format = fmt
-    check(_lib.cowdisk_create(p, size, ctypes.byref(opts)), path)
+    _set_encryption(
+        opts, encrypt_format, iter_time, cipher_alg, cipher_mode, ivgen_alg,
+        ivgen_hash_alg, hash_alg, path,
+    )
+    with _SecretBuffer(secret) as sb:
+        sb.attach(opts)
+        check(_lib.cowdisk_create(p, size, ctypes.byref(opts)), path)
+
+
+def _set_encryption(
+    opts, encrypt_format, iter_time, cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg,
+    hash_alg, path,
+) -> None:
+    """Fills the encryption fields of a ``CreateOpts``."""
+    if encrypt_format is None:
+        opts.encrypt_format = _native.ENCRYPT_NONE
+    else:
+        try:
+            opts.encrypt_format = _ENCRYPT_BY_NAME[encrypt_format]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"encrypt_format must be 'luks', 'aes' or None, not {encrypt_format!r}"
+            ) from None
+    opts.iter_time_ms = _uint(iter_time, "iter_time", _U32_MAX, path)
+    for field, value in (
+        ("cipher_alg", cipher_alg),
+        ("cipher_mode", cipher_mode),
+        ("ivgen_alg", ivgen_alg),
+        ("ivgen_hash_alg", ivgen_hash_alg),
+        ("hash_alg", hash_alg),
+    ):
+        setattr(opts, field, None if value is None else str(value).encode("ascii"))
 
 
 def open(  # noqa: A001 - the binding's public name, shadows the builtin on purpose
@@ -633,6 +721,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     force_share: bool = False,
     locking: bool = True,
     check: bool = False,
+    secret=None,
+    metadata_only: bool = False,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
@@ -653,6 +743,12 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     (read-only opens only, like ``qemu-img -U``). ``locking=False`` takes no locks,
     for callers that coordinate access themselves. ``check=True`` opens an image marked
     corrupt read-write for :meth:`Image.check` to repair (other writes fail until then).
+
+    ``secret`` (bytes or str) is the passphrase of an encrypted image (and of
+    encrypted backing files): without it opening one fails with ``errno.ENOKEY``, with
+    a wrong one ``errno.EKEYREJECTED``. ``metadata_only=True`` opens an encrypted image
+    without its passphrase for :attr:`Image.info`, :meth:`Image.check` and
+    :meth:`Image.map`; reading or writing its data then fails with ``ENOKEY``.
 
     Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EBUSY`` (see
     above), ``EINVAL`` for a file that is not qcow2, ``ENOTSUP`` for unsupported
@@ -677,6 +773,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         flags |= _native.OPEN_NO_LOCK
     if check:
         flags |= _native.OPEN_CHECK
+    if metadata_only:
+        flags |= _native.OPEN_METADATA_ONLY
     opts.flags = flags
     opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
     opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)
@@ -684,7 +782,10 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         compressed_cache_size, "compressed_cache_size", _U64_MAX, path
     )
     handle = _native.Handle()
-    _check_rc(_lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle)), path)
+    with _SecretBuffer(secret) as sb:
+        sb.attach(opts)
+        rc = _lib.cowdisk_open(p, ctypes.byref(opts), ctypes.byref(handle))
+    _check_rc(rc, path)
     return Image(handle.value, os.fspath(path), bool(readonly))
 
 

@@ -36,6 +36,10 @@ OPEN_NO_COMPRESSED_CACHE = 16
 OPEN_FORCE_SHARE = 32
 OPEN_NO_LOCK = 64
 OPEN_CHECK = 128
+OPEN_METADATA_ONLY = 256
+ENCRYPT_NONE = 0
+ENCRYPT_AES = 1
+ENCRYPT_LUKS = 2
 CHECK_REPAIR_LEAKS = 1
 CHECK_REPAIR_ALL = 2
 
@@ -97,6 +101,15 @@ class CreateOpts(Structure):
         ("compression_type", c_uint32),
         ("backing_file", c_char_p),
         ("backing_format", c_char_p),
+        ("secret", c_void_p),
+        ("secret_len", c_size_t),
+        ("encrypt_format", c_uint32),
+        ("iter_time_ms", c_uint32),
+        ("cipher_alg", c_char_p),
+        ("cipher_mode", c_char_p),
+        ("ivgen_alg", c_char_p),
+        ("ivgen_hash_alg", c_char_p),
+        ("hash_alg", c_char_p),
     ]
 
 
@@ -110,6 +123,8 @@ class OpenOpts(Structure):
         ("max_backing_depth", c_uint32),
         ("reserved", c_uint32),
         ("compressed_cache_size", c_uint64),
+        ("secret", c_void_p),
+        ("secret_len", c_size_t),
     ]
 
 
@@ -129,6 +144,8 @@ class Info(Structure):
         ("host_size", c_uint64),
         ("backing_file", c_char * 1024),
         ("backing_format", c_char * 32),
+        ("encrypt_format", c_uint32),
+        ("reserved", c_uint32),
     ]
 
 
@@ -223,6 +240,8 @@ class ConvertOpts(Structure):
         ("backing_format", c_char_p),
         ("progress", PROGRESS_FN),
         ("opaque", c_void_p),
+        ("secret", c_void_p),
+        ("secret_len", c_size_t),
     ]
 
 

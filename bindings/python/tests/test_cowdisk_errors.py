@@ -194,17 +194,21 @@ def test_error_messages_are_per_call(tmp_path):
     assert a.value.strerror != b.value.strerror
 
 
-def test_encrypted_image_is_refused(tmp_path, qemu_img):
+def test_encrypted_image_needs_its_passphrase(tmp_path, qemu_img):
     path = tmp_path / "luks.qcow2"
     r = qemu_img.run(
         "create", "--object", "secret,id=sec0,data=password", "-f", "qcow2",
-        "-o", "encrypt.format=luks,encrypt.key-secret=sec0", path, "1M",
+        "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path, "1M",
     )
     if r.returncode != 0:
         pytest.skip(f"qemu-img cannot create LUKS images here: {r.stderr.strip()}")
     before = path.read_bytes()
     with pytest.raises(cowdisk.Error) as exc:
         cowdisk.open(path, readonly=True)
-    e = assert_error(exc, errno.ENOTSUP, path)
-    assert "encrypt" in e.strerror.lower() or "luks" in e.strerror.lower()
+    e = assert_error(exc, errno.ENOKEY, path)
+    assert "luks" in e.strerror.lower() and "passphrase" in e.strerror.lower()
+    with pytest.raises(cowdisk.Error) as exc:
+        cowdisk.open(path, readonly=True, secret="wrong")
+    e = assert_error(exc, errno.EKEYREJECTED, path)
+    assert "wrong" not in e.strerror
     assert path.read_bytes() == before

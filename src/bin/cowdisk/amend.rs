@@ -12,6 +12,8 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct AmendArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// Options to change: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
@@ -87,6 +89,8 @@ pub fn run(args: AmendArgs) -> CliResult {
         &args.file,
         &OpenOptions {
             follow_backing: false,
+            metadata_only: true,
+            secret: args.secret.secret(None)?,
             ..OpenOptions::default()
         },
     )

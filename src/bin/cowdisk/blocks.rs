@@ -28,6 +28,8 @@ pub enum MapFormat {
 #[derive(Debug, Args)]
 pub struct MapArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// Output format.
     #[arg(long = "output", value_enum, default_value_t = MapFormat::Human)]
@@ -48,6 +50,8 @@ pub struct MapArgs {
 /// Arguments of `cowdisk zero`.
 #[derive(Debug, Args)]
 pub struct ZeroArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Let whole zeroed clusters release their host clusters (like `write -z -u`).
     #[arg(short = 'u', long = "unmap")]
     unmap: bool,
@@ -65,6 +69,8 @@ pub struct ZeroArgs {
 /// Arguments of `cowdisk discard`.
 #[derive(Debug, Args)]
 pub struct DiscardArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Punch the freed clusters out of the image file (QEMU's `discard=unmap`).
     #[arg(long = "unmap")]
     unmap: bool,
@@ -84,6 +90,8 @@ pub struct DiscardArgs {
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// Allow shrinking the image (fails if data is allocated past the new end).
     #[arg(long = "shrink")]
@@ -101,8 +109,17 @@ pub struct ResizeArgs {
 }
 
 /// Opens an image with the given options.
-fn open(path: &Path, read_only: bool, discard_unmap: bool, share: bool) -> CliResult<Image> {
+fn open(
+    path: &Path,
+    read_only: bool,
+    discard_unmap: bool,
+    share: bool,
+    secret: &crate::secret::SecretArgs,
+) -> CliResult<Image> {
     let options = OpenOptions {
+        secret: secret.secret(None)?,
+        // Map reads metadata only: an encrypted image needs no passphrase for it.
+        metadata_only: read_only,
         read_only,
         discard_unmap,
         force_share: share,
@@ -242,7 +259,13 @@ pub fn map_human(extents: &[Extent], files: &[String]) -> (String, bool) {
 /// Runs `cowdisk map`.
 pub fn run_map(args: MapArgs) -> CliResult {
     args.format.check()?;
-    let image = open(&args.file, true, false, args.share.force_share)?;
+    let image = open(
+        &args.file,
+        true,
+        false,
+        args.share.force_share,
+        &args.secret,
+    )?;
     let length = args.max_length.unwrap_or(u64::MAX);
     let found = extents(&image, args.start_offset, length)?;
     let (text, complete) = match args.output {
@@ -267,7 +290,7 @@ pub fn run_map(args: MapArgs) -> CliResult {
 
 /// Runs `cowdisk zero`.
 pub fn run_zero(args: ZeroArgs) -> CliResult {
-    let image = open(&args.file, false, false, false)?;
+    let image = open(&args.file, false, false, false, &args.secret)?;
     check_range(&image, "write_zeroes", args.offset, args.length)?;
     image
         .write_zeroes(args.offset, args.length, args.unmap)
@@ -284,7 +307,7 @@ pub fn run_zero(args: ZeroArgs) -> CliResult {
 
 /// Runs `cowdisk discard`.
 pub fn run_discard(args: DiscardArgs) -> CliResult {
-    let image = open(&args.file, false, args.unmap, false)?;
+    let image = open(&args.file, false, args.unmap, false, &args.secret)?;
     check_range(&image, "discard", args.offset, args.length)?;
     image.discard(args.offset, args.length).context(|| {
         format!(
@@ -339,7 +362,7 @@ impl SizeArg {
 pub fn run_resize(args: ResizeArgs) -> CliResult {
     args.format.check()?;
     let size_arg = SizeArg::parse(&args.size)?;
-    let image = open(&args.file, false, false, false)?;
+    let image = open(&args.file, false, false, false, &args.secret)?;
     let current = image.size();
     let new_size = size_arg.apply(current)?;
     if new_size < current && !(args.shrink || args.force) {

@@ -32,6 +32,8 @@ pub enum CheckFormat {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// Repair leaks, or all repairable problems (opens the image read-write).
     #[arg(short = 'r', long = "repair", value_enum)]
@@ -145,6 +147,8 @@ pub fn run(args: CheckArgs) -> CliResult<u8> {
         force_share: args.force_share,
         follow_backing: false,
         check: true,
+        metadata_only: true,
+        secret: args.secret.secret(None)?,
         ..OpenOptions::default()
     };
     let img = Image::open(&args.file, &opts).path_context("open", &args.file)?;

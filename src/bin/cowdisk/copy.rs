@@ -107,6 +107,8 @@ fn snapshot_name(arg: &str) -> String {
 /// Arguments of `cowdisk convert`.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Source format: qcow2 or raw (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     source_format: Option<String>,
@@ -180,6 +182,11 @@ pub fn run_convert(args: ConvertArgs) -> CliResult {
     if args.backing_format.is_some() {
         create.backing_format = args.backing_format.clone();
     }
+    extras.apply_encryption(&mut create, &args.secret)?;
+    let source_secret = args.secret.source_secret(extras.key_secret.as_deref())?;
+    if args.existing && create.secret.is_none() {
+        create.secret = source_secret.clone();
+    }
     let target_format = format(&args.target_format)?;
     if target_format == Format::Raw && !args.options.is_empty() {
         return Err(CliError("raw targets take no -o options".into()));
@@ -192,6 +199,7 @@ pub fn run_convert(args: ConvertArgs) -> CliResult {
             snapshot: args.snapshot.as_deref().map(snapshot_name),
             force_share: args.force_share,
             no_flush: false,
+            secret: source_secret,
         },
         target_format,
         create,
@@ -215,6 +223,8 @@ pub fn run_convert(args: ConvertArgs) -> CliResult {
 /// Arguments of `cowdisk compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Format of the first image (probed when not given).
     #[arg(short = 'f', value_name = "FMT")]
     first_format: Option<String>,
@@ -241,10 +251,12 @@ pub struct CompareArgs {
 
 /// Runs `cowdisk compare`; exit 0 identical, 1 different, 2 error.
 pub fn run_compare(args: CompareArgs) -> CliResult<u8> {
+    let secret = args.secret.secret(None)?;
     let spec = |f: &Option<String>| -> CliResult<OpenSpec> {
         Ok(OpenSpec {
             format: f.as_deref().map(format).transpose()?,
             force_share: args.force_share,
+            secret: secret.clone(),
             ..OpenSpec::default()
         })
     };
@@ -361,6 +373,8 @@ pub fn run_measure(args: MeasureArgs) -> CliResult {
 /// Arguments of `cowdisk commit`.
 #[derive(Debug, Args)]
 pub struct CommitArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Image format; only qcow2 images have backing files.
     #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
     format: String,
@@ -388,6 +402,7 @@ pub fn run_commit(args: CommitArgs) -> CliResult {
         base: args.base.clone(),
         keep_top: args.keep,
         workers: 0,
+        secret: args.secret.secret(None)?,
     };
     let mut reporter = Reporter::new(&args.progress);
     let mut update = |d, t| reporter.update(d, t);
@@ -403,6 +418,8 @@ pub fn run_commit(args: CommitArgs) -> CliResult {
 /// Arguments of `cowdisk rebase`.
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Image format; only qcow2 images have backing files.
     #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
     format: String,
@@ -439,6 +456,7 @@ pub fn run_rebase(args: RebaseArgs) -> CliResult {
         unsafe_mode: args.unsafe_mode,
         force_share: args.force_share,
         workers: 0,
+        secret: args.secret.secret(None)?,
     };
     let mut reporter = Reporter::new(&args.progress);
     let mut update = |d, t| reporter.update(d, t);

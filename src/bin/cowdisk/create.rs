@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// Comma-separated format options, e.g. `cluster_size=64k,compat=1.1`
     /// (`-o help` lists them). May be repeated.
@@ -88,6 +90,7 @@ pub fn run(args: CreateArgs) -> CliResult {
         print_option_help();
         return Ok(());
     }
+    extras.apply_encryption(&mut opts, &args.secret)?;
     let file = args
         .file
         .ok_or_else(|| CliError("missing FILE to create".to_string()))?;
@@ -154,6 +157,7 @@ pub fn run(args: CreateArgs) -> CliResult {
             let open = OpenOptions {
                 read_only: true,
                 follow_backing: false,
+                metadata_only: true,
                 ..OpenOptions::default()
             };
             let image = Image::open(&file, &open).path_context("open the new image", &file)?;
@@ -164,17 +168,25 @@ pub fn run(args: CreateArgs) -> CliResult {
             s
         }
     };
-    println!(
-        "{}",
-        formatting_line(&file, final_size, &opts, extras.compat_given)
-    );
+    println!("{}", formatting_line(&file, final_size, &opts, &extras));
     Ok(())
 }
 
 /// The `Formatting '...'` line qemu-img prints, with the same option order.
-fn formatting_line(file: &Path, size: u64, opts: &CreateOptions, compat_given: bool) -> String {
+fn formatting_line(file: &Path, size: u64, opts: &CreateOptions, extras: &OptionExtras) -> String {
+    let compat_given = extras.compat_given;
+    let mut encrypt = String::new();
+    if let Some(f) = &extras.encrypt_format {
+        encrypt += &format!(" encrypt.format={f}");
+    }
+    if let Some(id) = &extras.key_secret {
+        encrypt += &format!(" encrypt.key-secret={id}");
+    }
+    for (k, v) in &extras.encrypt_options {
+        encrypt += &format!(" encrypt.{k}={v}");
+    }
     let mut line = format!(
-        "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={}",
+        "Formatting '{}', fmt=qcow2{encrypt} cluster_size={} extended_l2=off compression_type={} size={}",
         file.display(),
         opts.cluster_size,
         opts.compression_type.name(),

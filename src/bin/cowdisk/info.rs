@@ -5,7 +5,7 @@ use crate::parse::FormatArg;
 use crate::{CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::BackingInfo;
-use cowdisk::{Image, ImageInfo, OpenOptions};
+use cowdisk::{EncryptionInfo, Image, ImageInfo, OpenOptions};
 use serde_json::{json, Map, Value};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -22,6 +22,8 @@ pub enum OutputFormat {
 /// Arguments of `cowdisk info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     #[command(flatten)]
     format: FormatArg,
     /// Output format.
@@ -72,6 +74,7 @@ fn open_info(path: &Path, follow_backing: bool, share: bool) -> CliResult<ImageI
         read_only: true,
         follow_backing,
         force_share: share,
+        metadata_only: true,
         ..OpenOptions::default()
     };
     let image = Image::open(path, &options).path_context("open", path)?;
@@ -182,6 +185,9 @@ fn entry_json(entry: &Entry) -> Value {
                 data.insert("lazy-refcounts".into(), json!(info.lazy_refcounts));
             }
             data.insert("refcount-bits".into(), json!(info.refcount_bits));
+            if let Some(e) = encrypt_json(info) {
+                data.insert("encrypt".into(), e);
+            }
             if info.version >= 3 {
                 data.insert("corrupt".into(), json!(info.corrupt));
             }
@@ -208,6 +214,9 @@ fn entry_json(entry: &Entry) -> Value {
                 "format-specific".into(),
                 json!({ "type": "qcow2", "data": Value::Object(data) }),
             );
+            if info.encryption.is_some() {
+                obj.insert("encrypted".into(), json!(true));
+            }
             obj.insert(
                 "backing-chain".into(),
                 Value::Array(chain.iter().map(chain_member_json).collect()),
@@ -243,6 +252,9 @@ fn entry_human(entry: &Entry) -> String {
             out += "file format: qcow2\n";
             out += &format!("virtual size: {}\n", size_line(info.virtual_size));
             out += &format!("disk size: {}\n", human_size(*actual_size));
+            if info.encryption.is_some() {
+                out += "encrypted: yes\n";
+            }
             out += &format!("cluster_size: {}\n", info.cluster_size);
             if let Some(b) = &info.backing_file {
                 match chain.first() {
@@ -268,6 +280,10 @@ fn entry_human(entry: &Entry) -> String {
                 out += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
             }
             out += &format!("    refcount bits: {}\n", info.refcount_bits);
+            if let Some(Value::Object(e)) = encrypt_json(info) {
+                out += "    encrypt:\n";
+                human_object(&mut out, &e, 8);
+            }
             if info.version >= 3 {
                 out += &format!("    corrupt: {}\n", info.corrupt);
             }
@@ -286,4 +302,38 @@ fn entry_human(entry: &Entry) -> String {
         }
     }
     out
+}
+
+/// `format-specific.data.encrypt` as `qemu-img info` shows it.
+fn encrypt_json(info: &ImageInfo) -> Option<Value> {
+    Some(match info.encryption.as_ref()? {
+        EncryptionInfo::LegacyAes => json!({ "format": "aes" }),
+        EncryptionInfo::Luks(luks) => luks.to_json(),
+    })
+}
+
+/// Writes a JSON object the way `qemu-img info` prints format-specific data: keys
+/// with spaces for dashes, lists of objects as `[i]:` entries.
+fn human_object(out: &mut String, obj: &Map<String, Value>, indent: usize) {
+    let pad = " ".repeat(indent);
+    for (key, value) in obj {
+        let key = key.replace('-', " ");
+        match value {
+            Value::Array(items) => {
+                *out += &format!("{pad}{key}:\n");
+                for (i, item) in items.iter().enumerate() {
+                    *out += &format!("{pad}    [{i}]:\n");
+                    if let Value::Object(o) = item {
+                        human_object(out, o, indent + 8);
+                    }
+                }
+            }
+            Value::Object(o) => {
+                *out += &format!("{pad}{key}:\n");
+                human_object(out, o, indent + 4);
+            }
+            Value::String(s) => *out += &format!("{pad}{key}: {s}\n"),
+            other => *out += &format!("{pad}{key}: {other}\n"),
+        }
+    }
 }

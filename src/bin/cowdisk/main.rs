@@ -22,6 +22,8 @@ mod info;
 mod parse;
 /// `cowdisk read` and `cowdisk write`.
 mod rw;
+/// `--secret-file` and `--object secret,…`: passphrases of encrypted images.
+mod secret;
 /// `cowdisk snapshot`.
 mod snapshot;
 

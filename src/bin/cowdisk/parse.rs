@@ -151,6 +151,35 @@ pub const CREATE_OPTIONS_HELP: &[(&str, &str)] = &[
     ),
     ("extended_l2", "Extended L2 entries: only off is supported"),
     ("preallocation", "Preallocation mode: only off is supported"),
+    (
+        "encrypt.format",
+        "Encrypt the image: luks, or aes (legacy, weak)",
+    ),
+    (
+        "encrypt.key-secret",
+        "Id of the --object secret holding the passphrase",
+    ),
+    (
+        "encrypt.cipher-alg",
+        "LUKS cipher: aes-128, aes-192 or aes-256",
+    ),
+    ("encrypt.cipher-mode", "LUKS cipher mode: xts or cbc"),
+    (
+        "encrypt.ivgen-alg",
+        "LUKS IV generator: plain, plain64 or essiv",
+    ),
+    (
+        "encrypt.ivgen-hash-alg",
+        "Hash of the essiv IV generator: sha1, sha256, sha512",
+    ),
+    (
+        "encrypt.hash-alg",
+        "LUKS key derivation hash: sha1, sha256 or sha512",
+    ),
+    (
+        "encrypt.iter-time",
+        "Milliseconds of key derivation work (default 2000)",
+    ),
 ];
 
 /// What a set of `-o` option lists asks for, on top of the [`CreateOptions`] it fills.
@@ -162,6 +191,53 @@ pub struct OptionExtras {
     pub compat_given: bool,
     /// `-o help` (or `?`) was asked for.
     pub help: bool,
+    /// `encrypt.format=` (luks or aes).
+    pub encrypt_format: Option<String>,
+    /// `encrypt.key-secret=`: the id of the `--object secret` with the passphrase.
+    pub key_secret: Option<String>,
+    /// The other `encrypt.*` options, without the prefix (cipher-alg, iter-time, ...).
+    pub encrypt_options: Vec<(String, String)>,
+}
+
+impl OptionExtras {
+    /// Sets the encryption of `opts` from the `encrypt.*` options and the passphrase
+    /// given on the command line.
+    pub fn apply_encryption(
+        &self,
+        opts: &mut CreateOptions,
+        secret: &crate::secret::SecretArgs,
+    ) -> Result<(), String> {
+        let format = match self.encrypt_format.as_deref() {
+            None if self.encrypt_options.is_empty() && self.key_secret.is_none() => return Ok(()),
+            None | Some("luks") => {
+                let pairs: Vec<(&str, &str)> = self
+                    .encrypt_options
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let luks =
+                    cowdisk::crypto::luks_options_from_qemu(&pairs).map_err(|e| e.to_string())?;
+                cowdisk::EncryptionFormat::Luks(luks)
+            }
+            Some("aes") => {
+                if !self.encrypt_options.is_empty() {
+                    return Err("legacy AES encryption takes no encrypt.* options".into());
+                }
+                cowdisk::EncryptionFormat::LegacyAes
+            }
+            Some(f) => return Err(format!("unknown encrypt.format '{f}' (luks or aes)")),
+        };
+        opts.encryption = Some(format);
+        opts.secret = secret.secret(self.key_secret.as_deref()).map_err(|e| e.0)?;
+        if opts.secret.is_none() {
+            return Err(
+                "an encrypted image needs a passphrase: --secret-file FILE, or --object \
+                 secret,id=ID,file=FILE with -o encrypt.key-secret=ID"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Splits a qemu-style option list on commas; `,,` stands for a literal comma.
@@ -258,6 +334,11 @@ pub fn apply_create_options(
                     }
                 }
             }
+            "encrypt.format" => extras.encrypt_format = Some(need()?.to_string()),
+            "encrypt.key-secret" => extras.key_secret = Some(need()?.to_string()),
+            k if k.starts_with("encrypt.") => extras
+                .encrypt_options
+                .push((k["encrypt.".len()..].to_string(), need()?.to_string())),
             "extended_l2" => {
                 if parse_bool(key, value.unwrap_or("on"))? {
                     return Err("extended_l2=on is not supported".to_string());

@@ -15,6 +15,8 @@ const CHUNK: usize = 1 << 20;
 /// Arguments of `cowdisk write`.
 #[derive(Debug, Args)]
 pub struct WriteArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Fill byte, decimal or 0x hex (default 0xcd).
     #[arg(short = 'P', value_name = "BYTE", value_parser = parse_byte, conflicts_with = "from")]
     pattern: Option<u8>,
@@ -43,6 +45,8 @@ pub struct WriteArgs {
 /// Arguments of `cowdisk read`.
 #[derive(Debug, Args)]
 pub struct ReadArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Verify that every byte read equals BYTE (decimal or 0x hex); exit 1 naming the
     /// first mismatching offset otherwise.
     #[arg(short = 'P', value_name = "BYTE", value_parser = parse_byte)]
@@ -67,10 +71,16 @@ pub struct ReadArgs {
 }
 
 /// Opens an image for `read` or `write`.
-fn open(path: &Path, read_only: bool, share: bool) -> CliResult<Image> {
+fn open(
+    path: &Path,
+    read_only: bool,
+    share: bool,
+    secret: &crate::secret::SecretArgs,
+) -> CliResult<Image> {
     let options = OpenOptions {
         read_only,
         force_share: share,
+        secret: secret.secret(None)?,
         ..OpenOptions::default()
     };
     Image::open(path, &options).path_context("open", path)
@@ -121,7 +131,7 @@ pub fn run_write(args: WriteArgs) -> CliResult {
     };
     let pattern = args.pattern.unwrap_or(0xcd);
 
-    let image = open(&args.image, false, false)?;
+    let image = open(&args.image, false, false, &args.secret)?;
     check_range(&image, "write", args.offset, length)?;
     // Compressed writes go by whole clusters: chunks are a multiple of the cluster size.
     let cs = image.info().cluster_size as usize;
@@ -186,7 +196,7 @@ pub fn run_read(args: ReadArgs) -> CliResult {
             .unwrap_or_default()
     };
 
-    let image = open(&args.image, true, args.share.force_share)?;
+    let image = open(&args.image, true, args.share.force_share, &args.secret)?;
     check_range(&image, "read", args.offset, args.length)?;
     let mut buf = vec![0u8; CHUNK.min(usize::try_from(args.length).unwrap_or(CHUNK))];
     let mut done = 0u64;

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 #[command(group(ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])))]
 pub struct SnapshotArgs {
     #[command(flatten)]
+    secret: crate::secret::SecretArgs,
+    #[command(flatten)]
     format: FormatArg,
     /// List the snapshots (opens the image read-only).
     #[arg(short = 'l')]
@@ -90,6 +92,8 @@ pub fn run(args: SnapshotArgs) -> CliResult {
     let opts = OpenOptions {
         read_only: args.list,
         force_share: args.force_share,
+        metadata_only: true,
+        secret: args.secret.secret(None)?,
         ..OpenOptions::default()
     };
     let img = Image::open(&args.file, &opts).path_context("open", &args.file)?;
