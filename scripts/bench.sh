@@ -22,7 +22,7 @@ cowdisk="$top/target/release/cowdisk"
 dir=${BENCH_DIR:-$top/build/bench}
 runs=${BENCH_RUNS:-3}
 out=${BENCH_OUT:-$top/BENCHMARKS.md}
-only=${BENCH_ONLY:-bench,compress,vmstate,integrity,convert}
+only=${BENCH_ONLY:-bench,compress,vmstate,integrity,convert,encryption}
 slow_mib=${BENCH_VMSTATE_SLOW_MIB:-512}
 mkdir -p "$dir"
 [ -x "$cowdisk" ] || { echo "bench: build first (make)"; exit 1; }
@@ -367,6 +367,70 @@ if section convert; then
     convert_vs_dd=$(ratio "$(med "cowdisk qcow2 to qcow2, flushed")" "$convert_dd")
 fi
 
+# ---- encryption (issue 13) -----------------------------------------------------------
+# A 1 GiB image fully written with random data, LUKS (QEMU's default aes-256-xts-plain64)
+# and plain: qemu-img bench and cowdisk bench with the same secret, cached.
+enc_rows=()
+if section encryption; then
+    eraw="$dir/random-1g.raw"
+    if [ "$(stat -c %s "$eraw" 2>/dev/null || echo 0)" != 1073741824 ]; then
+        head -c 1G /dev/urandom > "$eraw"
+    fi
+    pass="cowdisk bench passphrase"
+    eimg="$dir/luks-1g.qcow2"
+    pimg="$dir/plain-1g.qcow2"
+    if [ ! -f "$eimg" ]; then
+        qemu-img convert -f raw -O qcow2 --object "secret,id=s0,data=$pass" \
+            -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$eraw" "$eimg"
+    fi
+    [ -f "$pimg" ] || qemu-img convert -f raw -O qcow2 "$eraw" "$pimg"
+    ecases=("64 KiB sequential reads|-c 16384 -s 64k -d 1"
+        "64 KiB sequential reads|-c 16384 -s 64k -d 8"
+        "64 KiB sequential writes (in place)|-w -c 16384 -s 64k -d 1"
+        "64 KiB sequential writes (in place)|-w -c 16384 -s 64k -d 8"
+        "4 KiB reads at 1 MiB step (scattered)|-c 65536 -s 4k -S 1M -d 1"
+        "4 KiB reads at 1 MiB step (scattered)|-c 65536 -s 4k -S 1M -d 8")
+    ebench() { # ebench <tool> <luks|plain> <args...>
+        local tool=$1 kind=$2; shift 2
+        if [ "$tool" = qemu ] && [ "$kind" = luks ]; then
+            qemu-img bench --object "secret,id=s0,data=$pass" "$@" -t writeback --image-opts \
+                "driver=qcow2,file.filename=$eimg,encrypt.key-secret=s0" |
+                sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        elif [ "$tool" = qemu ]; then
+            qemu-img bench -f qcow2 "$@" -t writeback "$pimg" |
+                sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        elif [ "$kind" = luks ]; then
+            "$cowdisk" bench --object "secret,id=s0,data=$pass" "$@" -t writeback "$eimg" |
+                sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        else
+            "$cowdisk" bench "$@" -t writeback "$pimg" |
+                sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        fi
+    }
+    cat "$eimg" "$pimg" > /dev/null
+    for ((i = 0; i < runs; i++)); do
+        for c in "${ecases[@]}"; do
+            IFS='|' read -r name args <<< "$c"
+            for key in "qemu luks" "cowdisk luks" "qemu plain" "cowdisk plain"; do
+                read -r tool kind <<< "$key"
+                # shellcheck disable=SC2086
+                t=$(ebench "$tool" "$kind" $args)
+                echo "   $name $args: $key run $((i + 1)): $t s"
+                times["$key $name $args"]+="$t "
+            done
+        done
+    done
+    for c in "${ecases[@]}"; do
+        IFS='|' read -r name args <<< "$c"
+        cl=$(med "cowdisk luks $name $args")
+        ql=$(med "qemu luks $name $args")
+        cp=$(med "cowdisk plain $name $args")
+        qp=$(med "qemu plain $name $args")
+        r=$(ratio "$cl" "$ql")
+        enc_rows+=("| $name | \`$args\` | $cl | $ql | $r | ≤ 0.7 | $(met "$r" 0.7) | $(ratio "$cl" "$cp") | $(ratio "$ql" "$qp") |")
+    done
+fi
+
 echo "bench: measuring took $(since "$start_all") s"
 
 {
@@ -479,6 +543,21 @@ echo "bench: measuring took $(since "$start_all") s"
         echo
         echo "\`dd if=RAW of=OUT bs=2M conv=fsync\` of the same 1 GiB: $convert_dd s; cowdisk qcow2 → qcow2,"
         echo "flushed / dd = **$convert_vs_dd** (goal ≤ 1.5: $(met "$convert_vs_dd" 1.5))."
+    fi
+    if section encryption; then
+        echo
+        echo "## Encrypted images (issue 13)"
+        echo
+        echo "A 1 GiB qcow2 image (64 KiB clusters) fully written with random data by"
+        echo "\`qemu-img convert\`, LUKS-encrypted with QEMU's default aes-256-xts-plain64, and the same"
+        echo "data unencrypted. \`qemu-img bench --object secret,… --image-opts …\` against"
+        echo "\`cowdisk bench --object secret,…\`, same options, \`-t writeback\` (cached; the images in"
+        echo "the page cache). Writes rewrite allocated clusters in place. Ratio = cowdisk / QEMU on"
+        echo "the LUKS image; the last two columns are each tool's encrypted / plain time."
+        echo
+        echo "| workload | options | cowdisk s | QEMU s | ratio | goal | met | cowdisk enc/plain | QEMU enc/plain |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        printf '%s\n' "${enc_rows[@]}"
     fi
 } > "$out"
 echo "bench: wrote $out"

@@ -35,6 +35,8 @@ pub struct BenchConfig {
     /// Check host writes against the metadata (`--no-overlap-check` turns it off, to
     /// measure what the checks cost).
     pub overlap_checks: bool,
+    /// The passphrase of an encrypted image.
+    pub secret: Option<crate::crypto::Secret>,
 }
 
 /// The outcome of a run.
@@ -57,6 +59,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchResult> {
         read_only: !cfg.write,
         direct: cfg.direct,
         overlap_checks: cfg.overlap_checks,
+        secret: cfg.secret.clone(),
         ..OpenOptions::default()
     };
     let image = Image::open(path, &opts)?;

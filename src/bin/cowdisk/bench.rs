@@ -12,6 +12,8 @@ use crate::{CliResult, PathContext};
 /// Arguments of `cowdisk bench` (the meanings are `qemu-img bench`'s).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    secret: crate::secret::SecretArgs,
     /// Write requests instead of reads.
     #[arg(short = 'w')]
     write: bool,
@@ -71,6 +73,7 @@ pub fn run(args: BenchArgs) -> CliResult {
         pattern: parse::parse_byte(&args.pattern)?,
         flush_interval: args.flush_interval,
         overlap_checks: !args.no_overlap_check,
+        secret: args.secret.secret(None)?,
     };
     if !args.quiet {
         println!(
