@@ -18,6 +18,7 @@ this package, then the repository's ``target/release`` and ``target/debug``.
 
 from ._convert import Comparison, commit, compare, convert, rebase
 from ._errors import Error, strerror
+from ._file import DiskFile
 from ._image import CheckResult, Extent, Image, ImageInfo, create, open, version
 from ._snapshot import Snapshot, VMStateWriter
 from ._native import lib_path as library_path
@@ -25,6 +26,7 @@ from ._native import lib_path as library_path
 __all__ = [
     "CheckResult",
     "Comparison",
+    "DiskFile",
     "Error",
     "Extent",
     "Image",
@@ -44,6 +46,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _obj in (CheckResult, Comparison, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
+for _obj in (CheckResult, Comparison, DiskFile, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
     _obj.__module__ = __name__
 del _obj

@@ -15,7 +15,31 @@ class Error(OSError):
     ``errno.ENOENT``, ``errno.EINVAL``, ``errno.EROFS``), ``strerror`` is the library's
     message for the failure, and ``filename`` is the image path when one is involved.
     Built as ``Error(errno, message)`` or ``Error(errno, message, filename)``.
+
+    Errors raised by the library are also instances of Python's own OSError subclass
+    for their errno: ``except FileNotFoundError``, ``PermissionError``,
+    ``FileExistsError``, ``IsADirectoryError`` ... catch them too.
     """
+
+
+# errno -> the subclass of Error that is also Python's own OSError subclass for that
+# errno (FileNotFoundError for ENOENT, ...), made on first use.
+_BY_ERRNO: dict[int, type] = {}
+
+
+def error_class(code: int) -> type:
+    """The class of the errors the library raises for ``code``: :class:`Error`, and
+    also the built-in OSError subclass Python uses for that errno (``except
+    FileNotFoundError`` catches a missing image), when there is one."""
+    cls = _BY_ERRNO.get(code)
+    if cls is None:
+        builtin = type(OSError(code, ""))
+        if builtin is OSError:
+            cls = Error
+        else:
+            cls = type("Error", (Error, builtin), {"__module__": "cowdisk", "__doc__": Error.__doc__})
+        _BY_ERRNO[code] = cls
+    return cls
 
 
 def _decode(raw: bytes | None) -> str:
@@ -37,9 +61,10 @@ def check(rc: int, filename: str | os.PathLike | None = None) -> None:
         return
     code = -rc
     message = _decode(_native.lib.cowdisk_last_error()) or strerror(code)
+    cls = error_class(code)
     if filename is None:
-        raise Error(code, message)
-    raise Error(code, message, os.fspath(filename))
+        raise cls(code, message)
+    raise cls(code, message, os.fspath(filename))
 
 
 def invalid(message: str, filename: str | os.PathLike | None = None) -> Error:

@@ -342,6 +342,13 @@ class Image:
             self._call(_lib.cowdisk_pwrite, pin.address, pin.nbytes, offset)
             return pin.nbytes
 
+    def file(self) -> "DiskFile":
+        """Returns a seekable binary file object (:class:`cowdisk.DiskFile`) over the
+        guest disk, for ``shutil.copyfileobj`` and other file-based code."""
+        from ._file import DiskFile
+
+        return DiskFile(self)
+
     def pwrite_compressed(self, data, offset: int) -> int:
         """Writes ``data`` at guest ``offset`` as compressed clusters (the image's
         compression type, zlib or zstd); returns its length.

@@ -14,7 +14,9 @@ from conftest import MiB
 
 def assert_error(exc_info, code, path=None):
     e = exc_info.value
-    assert type(e) is cowdisk.Error and isinstance(e, OSError)
+    assert isinstance(e, cowdisk.Error) and isinstance(e, OSError)
+    # ... and Python's own subclass for the errno, where there is one.
+    assert isinstance(e, type(OSError(code, "")))
     assert e.errno == code, (e.errno, e.strerror)
     assert e.strerror and e.strerror != "unknown error"
     if path is not None:
@@ -212,3 +214,20 @@ def test_encrypted_image_needs_its_passphrase(tmp_path, qemu_img):
     e = assert_error(exc, errno.EKEYREJECTED, path)
     assert "wrong" not in e.strerror
     assert path.read_bytes() == before
+
+
+def test_errors_are_the_builtin_oserror_subclasses(tmp_path, new_image):
+    with pytest.raises(FileNotFoundError) as exc:
+        cowdisk.open(tmp_path / "missing.qcow2")
+    assert isinstance(exc.value, cowdisk.Error) and exc.value.errno == errno.ENOENT
+    path = new_image()
+    with pytest.raises(FileExistsError):
+        cowdisk.create(path, MiB)
+    with pytest.raises(IsADirectoryError):
+        cowdisk.open(tmp_path)
+    # Errors without a built-in subclass are plain cowdisk.Error.
+    with open(tmp_path / "junk", "wb") as f:
+        f.write(b"not qcow2" * 100)
+    with pytest.raises(cowdisk.Error) as exc:
+        cowdisk.open(tmp_path / "junk")
+    assert type(exc.value) is cowdisk.Error and exc.value.errno == errno.EINVAL
