@@ -8,7 +8,7 @@ use std::io;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The host storage failed (the OS error is kept, with what we were doing).
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", os_text(.source))]
     Io {
         /// What cowdisk was doing when the host I/O failed.
         context: String,
@@ -56,6 +56,16 @@ pub enum Error {
     /// The passphrase given does not open any key slot of the image.
     #[error("{0}")]
     KeyRejected(String),
+}
+
+/// An OS error's message without Rust's " (os error N)" suffix: the errno travels
+/// separately ([`Error::errno`]), and messages read like QEMU's.
+fn os_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') && e.raw_os_error().is_some() => s[..i].to_string(),
+        _ => s,
+    }
 }
 
 /// Shorthand for results carrying [`Error`].
@@ -158,4 +168,24 @@ macro_rules! invalid {
 #[macro_export]
 macro_rules! unsupported {
     ($($arg:tt)*) => { $crate::error::Error::Unsupported(format!($($arg)*)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_without_the_rust_suffix() {
+        let e = Error::io(
+            "cannot open 'x.qcow2'",
+            io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot open 'x.qcow2': No such file or directory"
+        );
+        assert_eq!(e.errno(), libc::ENOENT);
+        let other = Error::io("reading", io::Error::other("short read (os error 5)"));
+        assert_eq!(other.to_string(), "reading: short read (os error 5)");
+    }
 }

@@ -930,3 +930,18 @@ fn resize_like_qemu_img() {
         assert_map_like_qemu(&img, true);
     }
 }
+
+#[test]
+fn create_quiet_and_one_line_errors_without_rust_noise() {
+    let dir = TempDir::new("quiet");
+    let img = dir.path("q.qcow2");
+    assert_eq!(ok(&["create", "-q", &img, "1M"]), "");
+    let err = fails(&["create", &img, "1M"]);
+    assert!(err.contains("File exists"), "{err}");
+    let err = fails(&["info", &dir.path("missing.qcow2")]);
+    assert!(err.contains("No such file or directory"), "{err}");
+    for e in [err, fails(&["create", &img, "1M"])] {
+        assert!(!e.contains("os error"), "Rust's errno suffix leaked: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
+    }
+}

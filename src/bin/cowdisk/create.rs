@@ -28,7 +28,11 @@ pub struct CreateArgs {
     /// Unsafe: do not check that the backing file exists (SIZE is then required).
     #[arg(short = 'u')]
     unsafe_backing: bool,
-    /// The image file to create (overwritten if it exists).
+    /// Quiet: do not print the `Formatting ...` line.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image file to create; it must not exist yet (unlike qemu-img, cowdisk
+    /// never overwrites a file).
     #[arg(value_name = "FILE")]
     file: Option<PathBuf>,
     /// Virtual size in bytes, or with a suffix k, M, G, T (powers of 1024).
@@ -168,7 +172,9 @@ pub fn run(args: CreateArgs) -> CliResult {
             s
         }
     };
-    println!("{}", formatting_line(&file, final_size, &opts, &extras));
+    if !args.quiet {
+        println!("{}", formatting_line(&file, final_size, &opts, &extras));
+    }
     Ok(())
 }
 
