@@ -1,67 +1,24 @@
 //! QEMU's `encrypt.*` option names and values (`qemu-img create -o
 //! encrypt.cipher-alg=aes-128,…`), turned into [`LuksCreateOptions`].
 
-use super::{CipherAlg, CipherMode, HashAlg, IvGen, LuksCreateOptions};
+use super::{IvGen, LuksCreateOptions};
 use crate::error::{Error, Result};
-
-fn hash(value: &str, what: &str) -> Result<HashAlg> {
-    match value {
-        "sha1" => Ok(HashAlg::Sha1),
-        "sha256" => Ok(HashAlg::Sha256),
-        "sha512" => Ok(HashAlg::Sha512),
-        "md5" | "sha224" | "sha384" | "ripemd160" => Err(Error::Unsupported(format!(
-            "{what} '{value}' (cowdisk supports sha1, sha256 and sha512)"
-        ))),
-        _ => Err(Error::InvalidArgument(format!("unknown {what} '{value}'"))),
-    }
-}
 
 /// Builds LUKS create options from QEMU's option names without the `encrypt.` prefix
 /// (`cipher-alg`, `cipher-mode`, `ivgen-alg`, `ivgen-hash-alg`, `hash-alg`,
 /// `iter-time` in milliseconds), in any order; what is not given keeps QEMU's
-/// default. Ciphers other than AES are refused by name.
+/// default. Values are parsed by the crypto types' own `FromStr`/`IvGen::from_qemu`:
+/// ciphers other than AES are refused by name.
 pub fn luks_options_from_qemu(pairs: &[(&str, &str)]) -> Result<LuksCreateOptions> {
     let mut out = LuksCreateOptions::default();
-    let mut ivgen_alg: Option<&str> = None;
-    let mut ivgen_hash = HashAlg::Sha256;
+    let (mut ivgen_alg, mut ivgen_hash) = (None, None);
     for &(key, value) in pairs {
         match key {
-            "cipher-alg" => {
-                out.cipher = match value {
-                    "aes-128" => CipherAlg::Aes128,
-                    "aes-192" => CipherAlg::Aes192,
-                    "aes-256" => CipherAlg::Aes256,
-                    v if v.starts_with("twofish")
-                        || v.starts_with("serpent")
-                        || v.starts_with("cast5")
-                        || v.starts_with("sm4")
-                        || v.starts_with("des") =>
-                    {
-                        return Err(Error::Unsupported(format!(
-                            "cipher '{v}' (cowdisk supports aes-128, aes-192 and aes-256)"
-                        )))
-                    }
-                    v => return Err(Error::InvalidArgument(format!("unknown cipher-alg '{v}'"))),
-                }
-            }
-            "cipher-mode" => {
-                out.mode = match value {
-                    "xts" => CipherMode::Xts,
-                    "cbc" => CipherMode::Cbc,
-                    "ecb" | "ctr" => {
-                        return Err(Error::Unsupported(format!(
-                            "cipher mode '{value}' (cowdisk supports xts and cbc)"
-                        )))
-                    }
-                    v => return Err(Error::InvalidArgument(format!("unknown cipher-mode '{v}'"))),
-                }
-            }
-            "ivgen-alg" => match value {
-                "plain" | "plain64" | "essiv" => ivgen_alg = Some(value),
-                v => return Err(Error::InvalidArgument(format!("unknown ivgen-alg '{v}'"))),
-            },
-            "ivgen-hash-alg" => ivgen_hash = hash(value, "ivgen-hash-alg")?,
-            "hash-alg" => out.hash = hash(value, "hash-alg")?,
+            "cipher-alg" => out.cipher = value.parse()?,
+            "cipher-mode" => out.mode = value.parse()?,
+            "ivgen-alg" => ivgen_alg = Some(value),
+            "ivgen-hash-alg" => ivgen_hash = Some(value),
+            "hash-alg" => out.hash = value.parse()?,
             "iter-time" => {
                 out.iter_time_ms = value.parse().map_err(|_| {
                     Error::InvalidArgument(format!("iter-time '{value}' is not a number of ms"))
@@ -74,18 +31,16 @@ pub fn luks_options_from_qemu(pairs: &[(&str, &str)]) -> Result<LuksCreateOption
             }
         }
     }
-    out.ivgen = match ivgen_alg {
-        None => out.ivgen,
-        Some("plain") => IvGen::Plain,
-        Some("plain64") => IvGen::Plain64,
-        Some(_) => IvGen::Essiv(ivgen_hash),
-    };
+    if let Some(alg) = ivgen_alg {
+        out.ivgen = IvGen::from_qemu(alg, ivgen_hash)?;
+    }
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{CipherAlg, CipherMode, HashAlg};
 
     #[test]
     fn qemu_names_map_to_options() {
