@@ -1,7 +1,7 @@
 # cowdisk — build, test and demo.
 #
 #   make            build the library (libcowdisk.so/.a), the CLI and include/cowdisk.h
-#   make test       every check CI runs: fmt, clippy, header, Rust, C, Python, Go
+#   make test       every check CI runs: fmt, clippy, header, Rust, C, Python, Go, nbdkit
 #   make demo       create an image in build/demo/ and show qemu-img accepting it
 #   make deps       install missing tools (Go, pytest, valgrind, qemu-img) on Debian
 #   make bench      cowdisk vs qemu-img on the same workloads → BENCHMARKS.md
@@ -34,12 +34,16 @@ VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kind
                   --suppressions=tests/c/valgrind.supp
 
 # Run each stage even when an earlier one failed; `make test` fails if any did.
-TEST_STAGES ?= fmt clippy header rust c python go
+TEST_STAGES ?= fmt clippy header rust c python go nbdkit
 
-.PHONY: bench stress fuzz all build header deps test test-fmt test-clippy test-header test-rust test-c \
+# The nbdkit plugin (plugins/nbdkit/), built when nbdkit's plugin header is installed.
+NBDKIT_PLUGIN := $(BUILD)/nbdkit/nbdkit-cowdisk-plugin.so
+NBDKIT_CFLAGS  = $(shell pkg-config --cflags nbdkit 2>/dev/null)
+
+.PHONY: bench stress fuzz all build header plugin deps test test-nbdkit test-fmt test-clippy test-header test-rust test-c \
         test-python test-go demo clean help
 
-all: header
+all: header plugin
 
 help:
 	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
@@ -62,6 +66,15 @@ header: build
 
 deps:
 	@scripts/deps.sh
+
+# nbdkit loads the plugin with dlopen: it finds libcowdisk through its rpath.
+plugin: build
+	@if [ -f /usr/include/nbdkit-plugin.h ] || pkg-config --exists nbdkit 2>/dev/null; then \
+	    mkdir -p $(BUILD)/nbdkit; \
+	    $(CC) $(C_STD_FLAGS) -O2 -fPIC -shared $(NBDKIT_CFLAGS) -Iinclude \
+	        -o $(NBDKIT_PLUGIN) plugins/nbdkit/cowdisk.c $(C_LINK) && \
+	    echo "built $(NBDKIT_PLUGIN)"; \
+	else echo "nbdkit-plugin.h not found (apt-get install nbdkit-plugin-dev): plugin not built"; fi
 
 ## ---- tests ------------------------------------------------------------------
 
@@ -143,6 +156,12 @@ test-go: build
 ifeq ($(HOME)$(GOCACHE)$(XDG_CACHE_HOME),)
 test-go: export GOCACHE := $(CURDIR)/$(BUILD)/go-cache
 endif
+
+# The nbdkit plugin served to qemu-img, qemu-io, nbdinfo, nbdcopy and nbdsh.
+test-nbdkit: plugin
+	@test -f $(NBDKIT_PLUGIN) || { echo "error: $(NBDKIT_PLUGIN) was not built"; exit 1; }
+	COWDISK_NBDKIT_PLUGIN=$(CURDIR)/$(NBDKIT_PLUGIN) COWDISK_CLI=$(CURDIR)/$(RELEASE)/cowdisk \
+	    $(PYTHON) -m pytest -q tests/nbdkit
 
 ## ---- demo -------------------------------------------------------------------
 

@@ -28,6 +28,16 @@
 #include <stdint.h>
 
 /**
+ * The version of cowdisk this header belongs to (`cowdisk_version()` gives the
+ * version of the library loaded at run time).
+ */
+#define COWDISK_VERSION_MAJOR 0
+#define COWDISK_VERSION_MINOR 1
+#define COWDISK_VERSION_PATCH 0
+#define COWDISK_VERSION_STRING "0.1.0"
+
+
+/**
  * Open with no writes allowed (`cowdisk_open_opts.flags`).
  */
 #define COWDISK_OPEN_READONLY 1
@@ -386,6 +396,13 @@ typedef struct cowdisk_open_opts {
    * Length of `secret` in bytes.
    */
   size_t secret_len;
+  /**
+   * Id or name of an internal snapshot to show instead of the active image (its
+   * contents and size, as `qemu-img convert -l` and `qemu-nbd -l` do), or NULL.
+   * Needs `COWDISK_OPEN_READONLY` (`-EINVAL` otherwise); `-ENOENT` when the image
+   * has no such snapshot. Borrowed for the call only.
+   */
+  const char *snapshot;
 } cowdisk_open_opts;
 
 /**

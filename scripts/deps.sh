@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need and is missing, on Debian/Ubuntu:
 # Go (golang-go), valgrind, qemu-img (qemu-utils), a C compiler, pytest (from PyPI),
-# and the rustfmt/clippy components. Quick and silent when everything is present.
+# nbdkit with its plugin header and the NBD clients (libnbd-bin, nbdsh), and the
+# rustfmt/clippy components. Quick and silent when everything is present.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -34,6 +35,12 @@ have go || packages+=(golang-go)
 have valgrind || packages+=(valgrind)
 have qemu-img || packages+=(qemu-utils)
 have python3 || packages+=(python3 python3-pip)
+# The nbdkit plugin: the server, its plugin header, and the NBD clients of its tests.
+have nbdkit || packages+=(nbdkit)
+[[ -f /usr/include/nbdkit-plugin.h ]] || packages+=(nbdkit-plugin-dev)
+have nbdinfo && have nbdcopy || packages+=(libnbd-bin)
+have nbdsh || packages+=(python3-libnbd)
+have pkg-config || packages+=(pkg-config)
 if [[ ${#packages[@]} -gt 0 ]]; then
     apt_install "${packages[@]}"
 fi

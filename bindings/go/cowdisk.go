@@ -298,6 +298,10 @@ type OpenOptions struct {
 	// MetadataOnly opens an encrypted image without its passphrase, for Info, Check
 	// and Map; reading or writing its data then fails with syscall.ENOKEY.
 	MetadataOnly bool
+	// Snapshot (the id or name of an internal snapshot, with ReadOnly) shows the
+	// disk as that snapshot recorded it, its contents and size, like qemu-img
+	// convert -l; syscall.ENOENT when the image has no such snapshot.
+	Snapshot string
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -368,6 +372,11 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		var strs cStrings
 		defer strs.free()
 		co.secret, co.secret_len = strs.addSecret(opts.Secret)
+		if opts.Snapshot != "" {
+			if co.snapshot, err = strs.add(op, path, "snapshot", opts.Snapshot); err != nil {
+				return nil, err
+			}
+		}
 		co.compressed_cache_size = C.uint64_t(opts.CompressedCacheSize)
 		co.l2_cache_size = C.uint64_t(opts.L2CacheSize)
 		co.max_backing_depth = C.uint32_t(opts.MaxBackingDepth)

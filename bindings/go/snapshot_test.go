@@ -137,3 +137,34 @@ func TestSnapshotGotoResizes(t *testing.T) {
 	mustClose(t, img)
 	checkClean(t, path)
 }
+
+// TestOpenSnapshot opens an internal snapshot read-only: its contents and size.
+func TestOpenSnapshot(t *testing.T) {
+	path := mustCreate(t, "v.qcow2", 4<<20, nil)
+	img := mustOpen(t, path, nil)
+	old := pattern(7, 70000)
+	model := make([]byte, 4<<20)
+	mustWrite(t, img, model, old, 0)
+	if _, err := img.SnapshotCreate("before", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Resize(8<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(pattern(8, 70000), 0); err != nil {
+		t.Fatal(err)
+	}
+	mustClose(t, img)
+
+	snap := mustOpen(t, path, &OpenOptions{ReadOnly: true, Snapshot: "before"})
+	if snap.Size() != 4<<20 {
+		t.Fatalf("snapshot size %d", snap.Size())
+	}
+	mustReadEqual(t, snap, model, 0)
+	mustClose(t, snap)
+
+	_, err := Open(path, &OpenOptions{Snapshot: "before"})
+	wantErrno(t, err, "open", syscall.EINVAL)
+	_, err = Open(path, &OpenOptions{ReadOnly: true, Snapshot: "nosuch"})
+	wantErrno(t, err, "open", syscall.ENOENT)
+}

@@ -7,22 +7,25 @@
 //! at a time from a shared counter, so a worker that is slow to wake (its CPU busy
 //! elsewhere) only means the caller does more of the parts itself: [`run`] waits
 //! for the parts a worker has claimed, never for a worker to start. Workers (CPUs −
-//! 1 of them, started on first use, named `cowdisk-crypto-N`) park on a channel
-//! between jobs.
+//! 1 of them, started on first use in each process, named `cowdisk-crypto-N`)
+//! park on a channel between jobs.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 struct Pool {
     queue: Mutex<mpsc::Sender<Job>>,
     workers: usize,
+    /// The process that started the workers: a child made by `fork()` (nbdkit
+    /// forks into the background after the plugin opened its image) has none of
+    /// them and starts its own.
+    pid: u32,
 }
 
-fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| {
+impl Pool {
+    fn start(pid: u32) -> Pool {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let want = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
@@ -48,8 +51,28 @@ fn pool() -> &'static Pool {
         Pool {
             queue: Mutex::new(tx),
             workers,
+            pid,
         }
-    })
+    }
+}
+
+/// This process's pool, started on first use.
+fn pool() -> Arc<Pool> {
+    static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut current = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    match &*current {
+        Some(p) if p.pid == pid => Arc::clone(p),
+        _ => {
+            let p = Arc::new(Pool::start(pid));
+            // The parent's pool is left untouched (its channel's state belongs to
+            // threads that do not exist here), not dropped.
+            if let Some(old) = current.replace(Arc::clone(&p)) {
+                std::mem::forget(old);
+            }
+            p
+        }
+    }
 }
 
 /// Worker threads available (0 if none could be started).
@@ -162,9 +185,10 @@ where
         cv: Condvar::new(),
     });
     let finish = Finish(&shared);
-    let helpers = helpers.min(workers()).min(n.saturating_sub(1));
+    let pool = pool();
+    let helpers = helpers.min(pool.workers).min(n.saturating_sub(1));
     if helpers > 0 {
-        let queue = pool().queue.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = pool.queue.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..helpers {
             let s = Arc::clone(&shared);
             // A failed send means no worker is left: the caller does the parts.

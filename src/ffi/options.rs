@@ -98,6 +98,11 @@ pub struct cowdisk_open_opts {
     pub secret: *const c_void,
     /// Length of `secret` in bytes.
     pub secret_len: usize,
+    /// Id or name of an internal snapshot to show instead of the active image (its
+    /// contents and size, as `qemu-img convert -l` and `qemu-nbd -l` do), or NULL.
+    /// Needs `COWDISK_OPEN_READONLY` (`-EINVAL` otherwise); `-ENOENT` when the image
+    /// has no such snapshot. Borrowed for the call only.
+    pub snapshot: *const c_char,
 }
 
 /// Facts about an open image, filled by `cowdisk_get_info`.
@@ -277,6 +282,7 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.check = c.flags & COWDISK_OPEN_CHECK != 0;
     out.metadata_only = c.flags & COWDISK_OPEN_METADATA_ONLY != 0;
     out.secret = c_secret(c.secret, c.secret_len)?;
+    out.snapshot = opt_string(c.snapshot, "snapshot")?;
     out.l2_cache_size = c.l2_cache_size;
     if c.max_backing_depth != 0 {
         out.max_backing_depth = c.max_backing_depth;

@@ -123,6 +123,22 @@ int main(void) {
     CHECK_RC(cowdisk_close(img), 0, "close");
     tu_qemu_img_check(image);
 
+    SECTION("open a snapshot read-only");
+    cowdisk_open_opts oo;
+    memset(&oo, 0, sizeof oo);
+    oo.struct_size = sizeof oo;
+    oo.snapshot = "second";
+    CHECK_RC(cowdisk_open(image, &oo, &img), -EINVAL, "a snapshot needs a read-only open");
+    oo.flags = COWDISK_OPEN_READONLY;
+    oo.snapshot = "nope";
+    CHECK_RC(cowdisk_open(image, &oo, &img), -ENOENT, "an unknown snapshot");
+    oo.snapshot = "second";
+    CHECK_RC(cowdisk_open(image, &oo, &img), 0, "open snapshot 'second'");
+    CHECK_RC(cowdisk_pread(img, disk, DISK_SIZE, 0), 0, "read it");
+    CHECK(tu_first_diff(disk, disk_b, DISK_SIZE) < 0, "it shows contents B");
+    CHECK_RC(cowdisk_pwrite(img, disk, 512, 0), -EROFS, "and refuses writes");
+    CHECK_RC(cowdisk_close(img), 0, "close");
+
     free(disk);
     free(disk_a);
     free(disk_b);

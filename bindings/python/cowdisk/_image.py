@@ -730,6 +730,7 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     check: bool = False,
     secret=None,
     metadata_only: bool = False,
+    snapshot=None,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
@@ -756,6 +757,10 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     a wrong one ``errno.EKEYREJECTED``. ``metadata_only=True`` opens an encrypted image
     without its passphrase for :attr:`Image.info`, :meth:`Image.check` and
     :meth:`Image.map`; reading or writing its data then fails with ``ENOKEY``.
+
+    ``snapshot`` (the id or name of an internal snapshot, with ``readonly=True``) shows
+    the disk as that snapshot recorded it, its contents and size, like ``qemu-img
+    convert -l``; ``ENOENT`` when the image has no such snapshot.
 
     Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EBUSY`` (see
     above), ``EINVAL`` for a file that is not qcow2, ``ENOTSUP`` for unsupported
@@ -788,6 +793,10 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     opts.compressed_cache_size = _uint(
         compressed_cache_size, "compressed_cache_size", _U64_MAX, path
     )
+    if snapshot is not None:
+        if not isinstance(snapshot, str) or not snapshot:
+            raise invalid("snapshot must be a non-empty str", path)
+        opts.snapshot = snapshot.encode()
     handle = _native.Handle()
     with _SecretBuffer(secret) as sb:
         sb.attach(opts)

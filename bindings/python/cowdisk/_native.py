@@ -28,6 +28,12 @@ ENV_VAR = "COWDISK_LIB"
 
 # --- constants (COWDISK_* in the header) ------------------------------------------------
 
+# The header this binding follows (the loaded library's own is cowdisk.version()).
+VERSION_MAJOR = 0
+VERSION_MINOR = 1
+VERSION_PATCH = 0
+VERSION_STRING = "0.1.0"
+
 OPEN_READONLY = 1
 OPEN_DIRECT = 2
 OPEN_NO_BACKING = 4
@@ -125,6 +131,7 @@ class OpenOpts(Structure):
         ("compressed_cache_size", c_uint64),
         ("secret", c_void_p),
         ("secret_len", c_size_t),
+        ("snapshot", c_char_p),
     ]
 
 

@@ -170,3 +170,12 @@ def test_lookup_not_found_is_clear_import_error(clean_env, tmp_path):
     assert r.returncode != 0
     assert "ImportError" in r.stderr
     assert "cannot find libcowdisk.so" in r.stderr and "COWDISK_LIB" in r.stderr
+
+
+def test_header_version_matches_library():
+    text = HEADER.read_text()
+    string = re.search(r'#define COWDISK_VERSION_STRING "([^"]+)"', text).group(1)
+    assert string == _native.VERSION_STRING == cowdisk.version()
+    parts = [int(re.search(rf"#define COWDISK_VERSION_{p} (\d+)", text).group(1))
+             for p in ("MAJOR", "MINOR", "PATCH")]
+    assert ".".join(map(str, parts)) == string

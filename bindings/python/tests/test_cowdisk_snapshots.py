@@ -122,3 +122,26 @@ def test_read_only_and_closed(tmp_path):
     w.close()  # the image's close finalized it already
     with pytest.raises(ValueError):
         img.snapshots()
+
+
+def test_open_a_snapshot_read_only(tmp_path):
+    path = tmp_path / "v.qcow2"
+    cowdisk.create(path, 4 * MiB)
+    with cowdisk.open(path) as img:
+        img.pwrite(b"old" * 1000, 0)
+        img.snapshot_create("before")
+        img.resize(8 * MiB)
+        img.pwrite(b"new" * 1000, 0)
+    with cowdisk.open(path, readonly=True, snapshot="before") as snap:
+        assert snap.size == 4 * MiB
+        assert snap.pread(3000, 0) == b"old" * 1000
+    with cowdisk.open(path, readonly=True, snapshot="1") as snap:
+        assert snap.pread(3, 0) == b"old"
+    with cowdisk.open(path, readonly=True) as img:
+        assert img.size == 8 * MiB and img.pread(3, 0) == b"new"
+    with pytest.raises(cowdisk.Error) as e:
+        cowdisk.open(path, snapshot="before")
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(cowdisk.Error) as e:
+        cowdisk.open(path, readonly=True, snapshot="nosuch")
+    assert e.value.errno == errno.ENOENT and "nosuch" in str(e.value)
