@@ -7,7 +7,8 @@
 # compressed writes vs qemu-img convert -c, issue 5), "vmstate" (2 GiB of VM state in
 # realistic pieces, pool vs unbuffered vs dd, issue 6), "integrity" (what the overlap
 # checks cost on workloads 1-4, and mapping an empty 1 PiB image, issue 11), "convert"
-# (qemu-img convert against cowdisk convert on 1 GiB of mixed data, issue 12).
+# (qemu-img convert against cowdisk convert on 1 GiB of mixed data, issue 12), "nbd"
+# (nbdkit + the cowdisk plugin against qemu-nbd, scripts/bench-nbd.sh, issue 17).
 #
 # Environment: BENCH_DIR (scratch folder on a real disk, default build/bench — O_DIRECT
 # does not work on tmpfs), BENCH_RUNS (runs per tool and workload, default 3),
@@ -22,7 +23,7 @@ cowdisk="$top/target/release/cowdisk"
 dir=${BENCH_DIR:-$top/build/bench}
 runs=${BENCH_RUNS:-3}
 out=${BENCH_OUT:-$top/BENCHMARKS.md}
-only=${BENCH_ONLY:-bench,compress,vmstate,integrity,convert,encryption}
+only=${BENCH_ONLY:-bench,compress,vmstate,integrity,convert,encryption,nbd}
 slow_mib=${BENCH_VMSTATE_SLOW_MIB:-512}
 mkdir -p "$dir"
 [ -x "$cowdisk" ] || { echo "bench: build first (make)"; exit 1; }
@@ -598,6 +599,9 @@ echo "bench: measuring took $(since "$start_all") s"
         echo "| workload | options | cowdisk LUKS s | qemu-io LUKS s | qemu-io plain s | qemu-img bench plain s | QEMU LUKS est. s | ratio | goal | met | cowdisk enc/plain | QEMU enc/plain |"
         echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
         printf '%s\n' "${enc_rows[@]}"
+    fi
+    if section nbd; then
+        BENCH_DIR=$dir BENCH_RUNS=$runs "$top/scripts/bench-nbd.sh"
     fi
 } > "$out"
 echo "bench: wrote $out"
