@@ -16,12 +16,7 @@ size_mib=${BENCH_NBD_MIB:-1024}
 rm -rf "$dir"; mkdir -p "$dir"
 sock="$dir/nbd.sock"
 
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f\n", b - a }'; }
-median() { sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else printf "%.3f\n", (a[m]+a[m+1])/2}'; }
-spread() { sort -g | awk '{a[NR]=$1} END {printf "%s–%s", a[1], a[NR]}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-met() { awk -v r="$1" -v g="$2" 'BEGIN { print (r <= g) ? "yes" : "**no**" }'; }
+source "$top/scripts/bench-lib.sh"
 
 # start TOOL CACHE IMAGE: serve IMAGE on $sock; TOOL is cowdisk or qemu.
 start() {
@@ -106,10 +101,10 @@ for spec in "read -d 1 -s 4k -S 64k" "read -d 16 -s 64k" "write -d 16 -s 64k"; d
     for _ in $(seq "$runs"); do
         img=$full
         if [[ $rw == write ]]; then img="$dir/w.qcow2"; rm -f "$img"; qemu-img create -q -f qcow2 "$img" "${size_mib}M"; fi
-        tl+=("$("$cowdisk" bench "${w[@]}" -c "$n64k" "$@" "$img" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')")
+        tl+=("$("$cowdisk" bench "${w[@]}" -c "$n64k" "$@" "$img" | bench_seconds)")
         if [[ $rw == write ]]; then rm -f "$img"; qemu-img create -q -f qcow2 "$img" "${size_mib}M"; fi
         start cowdisk writeback "$img"
-        te+=("$(qb "${w[@]}" -c "$n64k" "$@" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p')")
+        te+=("$(qb "${w[@]}" -c "$n64k" "$@" | bench_seconds)")
         stop
     done
     l=$(printf '%s\n' "${tl[@]}" | median); e=$(printf '%s\n' "${te[@]}" | median)

@@ -30,23 +30,14 @@ mkdir -p "$dir"
 
 rows=()
 
+# now, since, ratio, met, median, spread, bench_seconds
+source "$top/scripts/bench-lib.sh"
+
 # section <name>: whether BENCH_ONLY selects the section.
 section() { [[ ",$only," == *",$1,"* ]]; }
 
-# now: seconds since the epoch, with nanoseconds.
-now() { date +%s.%N; }
-
-# since <start>: seconds elapsed since <start> (from now), 3 decimals.
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f\n", b - a }'; }
-
-# ratio <a> <b>: a / b with 2 decimals.
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-
-# met <ratio> <goal>: "yes" when ratio ≤ goal.
-met() { awk -v r="$1" -v g="$2" 'BEGIN { print (r <= g) ? "yes" : "**no**" }'; }
-
 # cowdisk_time <args...>: runs a cowdisk benchmark subcommand, prints its own time.
-cowdisk_time() { "$cowdisk" "$@" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
+cowdisk_time() { "$cowdisk" "$@" | bench_seconds; }
 
 # dd_time <dd args...>: runs dd, prints the seconds it reports.
 dd_time() {
@@ -58,16 +49,14 @@ dd_time() {
 declare -A times=()
 med() { printf '%s\n' ${times[$1]} | median; }
 
-# median of the numbers on stdin
-median() { sort -g | awk '{a[NR]=$1} END {m=int((NR+1)/2); if (NR%2) print a[m]; else printf "%.3f\n", (a[m]+a[m+1])/2}'; }
 
 # seconds <tool> <image> <bench args...>: runs one benchmark, prints its time.
 seconds() {
     local tool=$1 image=$2; shift 2
     if [ "$tool" = qemu ]; then
-        qemu-img bench -f qcow2 "$@" "$image" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        qemu-img bench -f qcow2 "$@" "$image" | bench_seconds
     else
-        "$cowdisk" bench "$@" "$image" | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'
+        "$cowdisk" bench "$@" "$image" | bench_seconds
     fi
 }
 

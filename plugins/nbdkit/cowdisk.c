@@ -74,12 +74,11 @@ plugin_unload (void)
 }
 
 static int
-parse_bool (const char *key, const char *value, bool *out)
+parse_bool (const char *value, bool *out)
 {
   int r = nbdkit_parse_bool (value);
   if (r == -1)
     return -1; /* nbdkit_parse_bool reported it */
-  (void) key;
   *out = r != 0;
   return 0;
 }
@@ -119,14 +118,14 @@ plugin_config (const char *key, const char *value)
   }
   if (strcmp (key, "readonly") == 0) {
     opt_readonly_set = true;
-    return parse_bool (key, value, &opt_readonly);
+    return parse_bool (value, &opt_readonly);
   }
   if (strcmp (key, "direct") == 0)
-    return parse_bool (key, value, &opt_direct);
+    return parse_bool (value, &opt_direct);
   if (strcmp (key, "backing") == 0)
-    return parse_bool (key, value, &opt_backing);
+    return parse_bool (value, &opt_backing);
   if (strcmp (key, "unmap") == 0)
-    return parse_bool (key, value, &opt_unmap);
+    return parse_bool (value, &opt_unmap);
   nbdkit_error ("unknown parameter '%s' (see nbdkit cowdisk --help)", key);
   return -1;
 }
@@ -316,38 +315,19 @@ plugin_block_size (void *handle, uint32_t *minimum, uint32_t *preferred,
   return 0;
 }
 
+/* can_write and can_trim. */
 static int
-plugin_can_write (void *handle)
+plugin_writable (void *handle)
 {
   (void) handle;
   return !opt_readonly;
 }
 
+/* can_flush, can_zero, can_multi_conn, can_extents, and can_fast_zero: zeroing is
+ * a metadata update except on v2 images with a backing file, which plugin_zero
+ * refuses truthfully. */
 static int
-plugin_can_flush (void *handle)
-{
-  (void) handle;
-  return 1;
-}
-
-static int
-plugin_can_trim (void *handle)
-{
-  (void) handle;
-  return !opt_readonly;
-}
-
-static int
-plugin_can_zero (void *handle)
-{
-  (void) handle;
-  return 1;
-}
-
-/* Zeroing is a metadata update except on v2 images with a backing file, where
- * zeros must be written as data (see cowdisk_zero). */
-static int
-plugin_can_fast_zero (void *handle)
+plugin_yes (void *handle)
 {
   (void) handle;
   return 1;
@@ -358,20 +338,6 @@ plugin_can_fua (void *handle)
 {
   (void) handle;
   return NBDKIT_FUA_NATIVE;
-}
-
-static int
-plugin_can_multi_conn (void *handle)
-{
-  (void) handle;
-  return 1;
-}
-
-static int
-plugin_can_extents (void *handle)
-{
-  (void) handle;
-  return 1;
 }
 
 static int
@@ -547,14 +513,14 @@ static struct nbdkit_plugin plugin = {
   .open = plugin_open,
   .get_size = plugin_get_size,
   .block_size = plugin_block_size,
-  .can_write = plugin_can_write,
-  .can_flush = plugin_can_flush,
-  .can_trim = plugin_can_trim,
-  .can_zero = plugin_can_zero,
-  .can_fast_zero = plugin_can_fast_zero,
+  .can_write = plugin_writable,
+  .can_flush = plugin_yes,
+  .can_trim = plugin_writable,
+  .can_zero = plugin_yes,
+  .can_fast_zero = plugin_yes,
   .can_fua = plugin_can_fua,
-  .can_multi_conn = plugin_can_multi_conn,
-  .can_extents = plugin_can_extents,
+  .can_multi_conn = plugin_yes,
+  .can_extents = plugin_yes,
   .can_cache = plugin_can_cache,
   .pread = plugin_pread,
   .pwrite = plugin_pwrite,
