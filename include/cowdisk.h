@@ -109,6 +109,17 @@
 #define COWDISK_ENCRYPT_LUKS 2
 
 /**
+ * `cowdisk_create_opts.compression_type` and `cowdisk_info.compression_type`: zlib
+ * (deflate), readable by every qcow2 implementation.
+ */
+#define COWDISK_COMPRESSION_ZLIB 0
+
+/**
+ * zstd (a v3 image with the compression-type header field; QEMU 5.1 and later).
+ */
+#define COWDISK_COMPRESSION_ZSTD 1
+
+/**
  * Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
  */
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
@@ -307,7 +318,7 @@ typedef struct cowdisk_create_opts {
    */
   uint32_t flags;
   /**
-   * Compression type: 0 = zlib, 1 = zstd.
+   * `COWDISK_COMPRESSION_*`: 0 = zlib, 1 = zstd.
    */
   uint32_t compression_type;
   /**
@@ -434,7 +445,7 @@ typedef struct cowdisk_info {
    */
   uint32_t flags;
   /**
-   * Compression type: 0 = zlib, 1 = zstd.
+   * `COWDISK_COMPRESSION_*`: 0 = zlib, 1 = zstd.
    */
   uint32_t compression_type;
   /**

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need and is missing, on Debian/Ubuntu:
 # Go (golang-go), valgrind, qemu-img (qemu-utils), a C compiler, pytest (from PyPI),
-# nbdkit with its plugin header and the NBD clients (libnbd-bin, nbdsh), and the
-# rustfmt/clippy components. Quick and silent when everything is present.
+# nbdkit with its plugin header and the NBD clients (libnbd-bin, nbdsh), libzstd-dev
+# and binutils for the install test, and the rustfmt/clippy components. Quick and
+# silent when everything is present.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -41,6 +42,9 @@ have nbdkit || packages+=(nbdkit)
 have nbdinfo && have nbdcopy || packages+=(libnbd-bin)
 have nbdsh || packages+=(python3-libnbd)
 have pkg-config || packages+=(pkg-config)
+# The install test links a program against the system libzstd next to libcowdisk.a.
+[[ -f /usr/include/zstd.h ]] || packages+=(libzstd-dev)
+have strip && have objcopy || packages+=(binutils)
 if [[ ${#packages[@]} -gt 0 ]]; then
     apt_install "${packages[@]}"
 fi

@@ -19,15 +19,13 @@
 // wrap a syscall.Errno, so errors.Is(err, syscall.ENOENT) or
 // errors.Is(err, fs.ErrNotExist) work.
 //
-// Building: by default the package links the static library
-// ../../target/release/libcowdisk.a of the source tree (run `cargo build --release`
-// at the repository root first). Build tag cowdisk_dynamic links libcowdisk.so from
-// the same directory instead; build tag cowdisk_external links -lcowdisk from the
-// paths given in CGO_LDFLAGS.
+// Building: by default the package finds an installed libcowdisk with pkg-config
+// (`#cgo pkg-config: cowdisk`; `make install` at the repository root installs it).
+// Build tag cowdisk_repo links the static library build/lib/libcowdisk.a of the
+// source tree instead, cowdisk_repo_shared its shared library; see README.md.
 package cowdisk
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../include
 #include <stdlib.h>
 #include <string.h>
 #include <cowdisk.h>

@@ -1,7 +1,6 @@
 package cowdisk
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../include
 #include <stdlib.h>
 #include <cowdisk.h>
 */

@@ -86,6 +86,12 @@ pub const COWDISK_ENCRYPT_AES: u32 = 1;
 /// LUKS1 (crypt method 2), QEMU's encryption for qcow2.
 pub const COWDISK_ENCRYPT_LUKS: u32 = 2;
 
+/// `cowdisk_create_opts.compression_type` and `cowdisk_info.compression_type`: zlib
+/// (deflate), readable by every qcow2 implementation.
+pub const COWDISK_COMPRESSION_ZLIB: u32 = 0;
+/// zstd (a v3 image with the compression-type header field; QEMU 5.1 and later).
+pub const COWDISK_COMPRESSION_ZSTD: u32 = 1;
+
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;
 

@@ -9,9 +9,10 @@ use crate::image::{
 };
 
 use super::{
-    COWDISK_CREATE_LAZY_REFCOUNTS, COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS, COWDISK_ENCRYPT_NONE,
-    COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY,
-    COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE,
+    COWDISK_COMPRESSION_ZLIB, COWDISK_COMPRESSION_ZSTD, COWDISK_CREATE_LAZY_REFCOUNTS,
+    COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS, COWDISK_ENCRYPT_NONE, COWDISK_INFO_CORRUPT,
+    COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK,
+    COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE,
     COWDISK_OPEN_METADATA_ONLY, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE,
     COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
 };
@@ -48,7 +49,7 @@ pub struct cowdisk_create_opts {
     pub refcount_bits: u32,
     /// `COWDISK_CREATE_*` flags.
     pub flags: u32,
-    /// Compression type: 0 = zlib, 1 = zstd.
+    /// `COWDISK_COMPRESSION_*`: 0 = zlib, 1 = zstd.
     pub compression_type: u32,
     /// Backing file name stored in the image, or NULL. Borrowed for the call only.
     pub backing_file: *const c_char,
@@ -121,7 +122,7 @@ pub struct cowdisk_info {
     pub refcount_bits: u32,
     /// `COWDISK_INFO_*` flags.
     pub flags: u32,
-    /// Compression type: 0 = zlib, 1 = zstd.
+    /// `COWDISK_COMPRESSION_*`: 0 = zlib, 1 = zstd.
     pub compression_type: u32,
     /// Number of internal snapshots.
     pub nb_snapshots: u32,
@@ -206,8 +207,8 @@ pub(super) unsafe fn create_options(opts: *const cowdisk_create_opts) -> Result<
     }
     out.lazy_refcounts = c.flags & COWDISK_CREATE_LAZY_REFCOUNTS != 0;
     out.compression_type = match c.compression_type {
-        0 => CompressionType::Zlib,
-        1 => CompressionType::Zstd,
+        COWDISK_COMPRESSION_ZLIB => CompressionType::Zlib,
+        COWDISK_COMPRESSION_ZSTD => CompressionType::Zstd,
         n => {
             return Err(Error::InvalidArgument(format!(
                 "unknown compression type {n} (0 = zlib, 1 = zstd)"

@@ -18,6 +18,8 @@ mod copy;
 mod create;
 /// `cowdisk info`.
 mod info;
+/// `cowdisk generate-man-pages` (hidden): the manual pages.
+mod man;
 /// Size, pattern and option parsing; size formatting.
 mod parse;
 /// `cowdisk read` and `cowdisk write`.
@@ -27,7 +29,7 @@ mod secret;
 /// `cowdisk snapshot`.
 mod snapshot;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::fmt;
 use std::process::ExitCode;
 
@@ -85,6 +87,9 @@ enum Command {
     Commit(copy::CommitArgs),
     /// Change an image's backing file, keeping what it reads (like `qemu-img rebase`).
     Rebase(copy::RebaseArgs),
+    /// Write the manual pages into a directory (used by `make man`).
+    #[command(hide = true)]
+    GenerateManPages(man::ManArgs),
 }
 
 /// A failure of a subcommand: the message printed after `cowdisk: `.
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
         Command::Measure(args) => copy::run_measure(args),
         Command::Commit(args) => copy::run_commit(args),
         Command::Rebase(args) => copy::run_rebase(args),
+        Command::GenerateManPages(args) => man::run(args, Cli::command()),
         Command::Compare(args) => match copy::run_compare(args) {
             Ok(code) => return ExitCode::from(code),
             Err(e) => {
