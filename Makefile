@@ -1,7 +1,7 @@
 # cowdisk — build, test and demo.
 #
 #   make            build the library (libcowdisk.so/.a), the CLI and include/cowdisk.h
-#   make test       every check CI runs: fmt, clippy, header, Rust, C, Python, Go, nbdkit
+#   make test       every check CI runs: fmt, clippy, header, Rust, C, Python, wheel, Go, nbdkit
 #   make demo       create an image in build/demo/ and show qemu-img accepting it
 #   make deps       install missing tools (Go, pytest, valgrind, qemu-img) on Debian
 #   make bench      cowdisk vs qemu-img on the same workloads → BENCHMARKS.md
@@ -34,14 +34,14 @@ VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kind
                   --suppressions=tests/c/valgrind.supp
 
 # Run each stage even when an earlier one failed; `make test` fails if any did.
-TEST_STAGES ?= fmt clippy header rust c python go nbdkit
+TEST_STAGES ?= fmt clippy header rust c python pywheel go nbdkit
 
 # The nbdkit plugin (plugins/nbdkit/), built when nbdkit's plugin header is installed.
 NBDKIT_PLUGIN := $(BUILD)/nbdkit/nbdkit-cowdisk-plugin.so
 NBDKIT_CFLAGS  = $(shell pkg-config --cflags nbdkit 2>/dev/null)
 
 .PHONY: bench stress fuzz all build header plugin deps test test-nbdkit test-fmt test-clippy test-header test-rust test-c \
-        test-python test-go demo clean help
+        test-python test-pywheel test-go demo clean help
 
 all: header plugin
 
@@ -147,6 +147,11 @@ test-python: build
 	@test -d bindings/python/tests || { echo "error: bindings/python/tests is missing"; exit 1; }
 	COWDISK_LIB=$(CURDIR)/$(LIB_SO) $(PYTHON) -m pytest -q bindings/python/tests
 
+# pip install / pip wheel of bindings/python in a fresh venv (setuptools-rust builds the
+# library into the package, reusing target/), used from elsewhere without COWDISK_LIB.
+test-pywheel: build
+	PYTHON=$(PYTHON) scripts/test-python-wheel.sh
+
 # -count=1: the Go cache does not see changes in libcowdisk.a, so never reuse results.
 test-go: build
 	@test -f bindings/go/go.mod || { echo "error: bindings/go/go.mod is missing"; exit 1; }
@@ -186,5 +191,6 @@ fuzz:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(BUILD) .pytest_cache bindings/python/.pytest_cache
+	rm -rf $(BUILD) .pytest_cache bindings/python/.pytest_cache bindings/python/build \
+	    bindings/python/*.egg-info
 	find bindings -name __pycache__ -type d -prune -exec rm -rf {} +
