@@ -33,7 +33,7 @@ if ! "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1; then
     fail "$PYTHON has no venv support (Debian: apt-get install python3-venv, or make deps)"
 fi
 
-step "python3 -m venv $tmp/venv"
+step "$PYTHON -m venv $tmp/venv"
 "$PYTHON" -m venv "$tmp/venv"
 venv_py=$tmp/venv/bin/python
 took
