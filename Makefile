@@ -4,7 +4,7 @@
 #   make install    install library, header, cowdisk.pc, CLI, man pages, nbdkit plugin
 #                   (PREFIX=/usr/local, DESTDIR, LIBDIR, INCLUDEDIR, BINDIR, MANDIR, ...)
 #   make uninstall  remove what `make install` installed
-#   make test       every check CI runs: fmt, clippy, header, Rust, C, Python, Go, nbdkit
+#   make test       every check CI runs: fmt, clippy, header, ABI, Rust, C, Python, wheel, Go, nbdkit, install
 #   make demo       create an image in build/demo/ and show qemu-img accepting it
 #   make deps       install missing tools (Go, pytest, valgrind, qemu-img) on Debian
 #   make bench      cowdisk vs qemu-img on the same workloads → BENCHMARKS.md
@@ -46,14 +46,14 @@ VALGRIND_FLAGS := -q --error-exitcode=1 --leak-check=full --errors-for-leak-kind
                   --suppressions=tests/c/valgrind.supp
 
 # Run each stage even when an earlier one failed; `make test` fails if any did.
-TEST_STAGES ?= fmt clippy header abi rust c python go nbdkit install
+TEST_STAGES ?= fmt clippy header abi rust c python pywheel go nbdkit install
 
 # The nbdkit plugin (plugins/nbdkit/), built when nbdkit's plugin header is installed.
 NBDKIT_PLUGIN := $(BUILD)/nbdkit/nbdkit-cowdisk-plugin.so
 NBDKIT_CFLAGS  = $(shell pkg-config --cflags nbdkit 2>/dev/null)
 
 .PHONY: bench stress fuzz all build lib man header plugin deps test test-nbdkit test-fmt test-clippy test-header \
-        test-rust test-c test-python test-go test-abi test-install abi-update install uninstall demo clean help
+        test-rust test-c test-python test-pywheel test-go test-abi test-install abi-update install uninstall demo clean help
 
 all: header lib man plugin
 
@@ -167,6 +167,11 @@ test-python: lib
 	@test -d bindings/python/tests || { echo "error: bindings/python/tests is missing"; exit 1; }
 	COWDISK_LIB=$(CURDIR)/$(LIB_SO) $(PYTHON) -m pytest -q bindings/python/tests
 
+# pip install / pip wheel of bindings/python in a fresh venv (setuptools-rust builds the
+# library into the package, reusing target/), used from elsewhere without COWDISK_LIB.
+test-pywheel: build
+	PYTHON=$(PYTHON) scripts/test-python-wheel.sh
+
 # The go tool does not hash build/lib/libcowdisk.a: its SHA-256 in CGO_CFLAGS makes
 # a rebuilt library a new cache key (TestLinkedLibraryIsCurrent checks it). The
 # static library is tested here; the shared one by `make test-install` (pkg-config).
@@ -275,5 +280,6 @@ fuzz:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(BUILD) .pytest_cache bindings/python/.pytest_cache
+	rm -rf $(BUILD) .pytest_cache bindings/python/.pytest_cache bindings/python/build \
+	    bindings/python/*.egg-info
 	find bindings -name __pycache__ -type d -prune -exec rm -rf {} +

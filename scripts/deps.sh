@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make test` and `make demo` need and is missing, on Debian/Ubuntu:
 # Go (golang-go), valgrind, qemu-img (qemu-utils), a C compiler, pytest (from PyPI),
-# nbdkit with its plugin header and the NBD clients (libnbd-bin, nbdsh), libzstd-dev
-# and binutils for the install test, and the rustfmt/clippy components. Quick and
-# silent when everything is present.
+# python3-venv, file and readelf (the wheel test), nbdkit with its plugin header and the
+# NBD clients (libnbd-bin, nbdsh), libzstd-dev and binutils for the install test, and
+# the rustfmt/clippy components. Quick and silent when everything is present.
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -36,6 +36,11 @@ have go || packages+=(golang-go)
 have valgrind || packages+=(valgrind)
 have qemu-img || packages+=(qemu-utils)
 have python3 || packages+=(python3 python3-pip)
+# `make test-pywheel`: a venv (Debian splits ensurepip out of python3), file and readelf.
+if ! have python3 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    packages+=(python3-venv)
+fi
+have file || packages+=(file)
 # The nbdkit plugin: the server, its plugin header, and the NBD clients of its tests.
 have nbdkit || packages+=(nbdkit)
 [[ -f /usr/include/nbdkit-plugin.h ]] || packages+=(nbdkit-plugin-dev)
@@ -44,7 +49,7 @@ have nbdsh || packages+=(python3-libnbd)
 have pkg-config || packages+=(pkg-config)
 # The install test links a program against the system libzstd next to libcowdisk.a.
 [[ -f /usr/include/zstd.h ]] || packages+=(libzstd-dev)
-have strip && have objcopy || packages+=(binutils)
+have readelf && have strip && have objcopy || packages+=(binutils)
 if [[ ${#packages[@]} -gt 0 ]]; then
     apt_install "${packages[@]}"
 fi

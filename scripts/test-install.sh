@@ -15,13 +15,19 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$here/Cargo.toml" | head -1)
 major=${version%%.*}
-root=$(mktemp -d /tmp/cowdisk-install.XXXXXX)
+# A fixed root: the go tool caches a cgo package with the flags pkg-config gave it
+# without hashing pkg-config's answer, so a new root each run would leave it linking
+# with -L of a deleted one.
+root=$here/build/install-root
+rm -rf "$root" && mkdir -p "$root"
 work=$(mktemp -d /tmp/cowdisk-install-use.XXXXXX)
 trap 'rm -rf "$root" "$work"' EXIT
 fail() { echo "test-install: FAIL: $*" >&2; exit 1; }
 step() { printf -- '--- %s\n' "$*"; }
 
-make -C "$here" --no-print-directory install DESTDIR="$root" PREFIX=/usr >"$work/install.log" 2>&1 \
+# Where nbdkit looks for plugins, asked before PKG_CONFIG_* below point at $root only.
+plugindir=$(pkg-config --variable=plugindir nbdkit 2>/dev/null || true)
+make -C "$here" --no-print-directory install DESTDIR="$root" PREFIX=/usr NBDKIT_PLUGINDIR="$plugindir" >"$work/install.log" 2>&1 \
     || { cat "$work/install.log"; fail "make install"; }
 lib=$root/usr/lib
 
@@ -122,7 +128,6 @@ print("python with", cowdisk.library_path, "ok")
 PY
 qemu-img check -q py.qcow2
 
-plugindir=$(pkg-config --variable=plugindir nbdkit 2>/dev/null || true)
 if [[ -n $plugindir && -f $root$plugindir/nbdkit-cowdisk-plugin.so ]]; then
     step "nbdkit plugin from the installed plugin directory"
     if readelf -d "$root$plugindir/nbdkit-cowdisk-plugin.so" | grep -q "R.*PATH.*$here"; then
@@ -135,7 +140,7 @@ else
 fi
 
 step "make uninstall"
-make -C "$here" --no-print-directory uninstall DESTDIR="$root" PREFIX=/usr >"$work/uninstall.log" 2>&1 \
+make -C "$here" --no-print-directory uninstall DESTDIR="$root" PREFIX=/usr NBDKIT_PLUGINDIR="$plugindir" >"$work/uninstall.log" 2>&1 \
     || { cat "$work/uninstall.log"; fail "make uninstall"; }
 left=$(find "$root" -not -type d)
 [[ -z $left ]] || fail "make uninstall left: $left"

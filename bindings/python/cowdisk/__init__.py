@@ -11,9 +11,10 @@ Example::
     cowdisk.convert("disk.qcow2", "small.qcow2", compressed=True,
                     progress=lambda done, total: print(done, "/", total))
 
-The shared library is found through ``$COWDISK_LIB``, then ``libcowdisk.so`` next to
-this package, then the repository's ``target/release`` and ``target/debug``.
-``cowdisk.library_path`` is the path that was loaded.
+The shared library is found through ``$COWDISK_LIB``, then ``libcowdisk.so`` in this
+package, then (in a repository checkout) ``build/lib``, ``target/release`` and
+``target/debug``, then the system's ``libcowdisk.so.0``. ``cowdisk.library_path`` is the
+path that was loaded.
 """
 
 from ._convert import Comparison, commit, compare, convert, rebase

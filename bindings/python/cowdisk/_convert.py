@@ -8,9 +8,9 @@ total)`` in bytes, so it may touch Python state freely.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from . import _native
+from ._compat import frozen_dataclass
 from ._errors import check
 from ._image import (
     _COMPRESSION_BY_NAME,
@@ -205,7 +205,7 @@ def convert(
         raise error
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_dataclass
 class Comparison:
     """The result of :func:`compare`.
 

@@ -8,10 +8,10 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from . import _native
 from ._buffer import Pinned
+from ._compat import frozen_dataclass
 from ._errors import check, invalid
 from ._errors import check as _check_rc
 from ._snapshot import Snapshot, VMStateWriter
@@ -88,7 +88,7 @@ def _length(value) -> int:
 # --- info ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_dataclass
 class ImageInfo:
     """Facts about an open image, as returned by :attr:`Image.info`.
 
@@ -160,7 +160,7 @@ class ImageInfo:
 _EXTENT_BATCH = 1024
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_dataclass
 class CheckResult:
     """What :meth:`Image.check` found, with ``qemu-img check``'s meaning of each count."""
 
@@ -181,7 +181,7 @@ class CheckResult:
         return self.corruptions == 0 and self.leaks == 0 and self.check_errors == 0
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_dataclass
 class Extent:
     """A run of guest bytes with the same status, as listed by :meth:`Image.map`.
 

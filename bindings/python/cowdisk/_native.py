@@ -8,6 +8,7 @@ here with ``struct_size`` first).
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 from ctypes import (
     POINTER,
@@ -24,6 +25,8 @@ from ctypes import (
 from pathlib import Path
 
 LIBRARY_NAME = "libcowdisk.so"
+# The installed library's soname (major version 0), found by the dynamic linker.
+SYSTEM_LIBRARY_NAME = "libcowdisk.so.0"
 ENV_VAR = "COWDISK_LIB"
 
 # --- constants (COWDISK_* in the header) ------------------------------------------------
@@ -309,16 +312,38 @@ _FUNCTIONS = {
 
 
 def candidate_paths() -> list[Path]:
-    """The places searched for the library, in order (``COWDISK_LIB`` excluded)."""
+    """The library files searched for, in order (``COWDISK_LIB`` and the system library
+    excluded): the package's own copy, then the repository's build tree when this package
+    is the one of a cowdisk checkout (``build/lib``, where ``make`` puts the shipped
+    library, then ``target/release`` and ``target/debug``)."""
     package_dir = Path(__file__).resolve().parent
-    paths = [package_dir / LIBRARY_NAME, package_dir.parent / LIBRARY_NAME]
-    if len(package_dir.parents) > 2:
-        repo = package_dir.parents[2]  # <repo>/bindings/python/cowdisk
+    paths = [package_dir / LIBRARY_NAME]
+    repo = package_dir.parents[2] if len(package_dir.parents) > 2 else None
+    if repo is not None and (repo / "Cargo.toml").is_file() and (
+        package_dir == repo / "bindings" / "python" / "cowdisk"
+    ):
         paths += [
+            repo / "build" / "lib" / LIBRARY_NAME,
             repo / "target" / "release" / LIBRARY_NAME,
             repo / "target" / "debug" / LIBRARY_NAME,
         ]
     return paths
+
+
+def _loaded_path(name: str) -> str:
+    """The file the dynamic linker loaded for ``name`` (from /proc/self/maps), else
+    ``name`` itself."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith(
+                    LIBRARY_NAME
+                ):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return name
 
 
 def _load_cdll(path) -> ctypes.CDLL:
@@ -328,8 +353,19 @@ def _load_cdll(path) -> ctypes.CDLL:
         raise ImportError(f"cowdisk: cannot load {path}: {e}", path=os.fspath(path)) from e
 
 
+_HOW_TO_FIX = (
+    "Install the binding with its library (`pip install bindings/python` in the cowdisk "
+    "repository), install the library system-wide (`make install`, then `ldconfig` or "
+    "LD_LIBRARY_PATH), build it in the repository (`make` or `cargo build --release`), or "
+    f"set {ENV_VAR} to the path of libcowdisk.so."
+)
+
+
 def find_and_load() -> tuple[ctypes.CDLL, str]:
-    """Loads the library: ``$COWDISK_LIB`` if set, else the first existing candidate."""
+    """Loads the library: ``$COWDISK_LIB`` if set (and only it), else the first of
+    :func:`candidate_paths` that exists, else the system's ``libcowdisk.so.0`` (found by
+    the dynamic linker: ``LD_LIBRARY_PATH``, the ldconfig cache), else what
+    ``ctypes.util.find_library("cowdisk")`` finds. Returns the library and its path."""
     env = os.environ.get(ENV_VAR)
     if env:
         if not os.path.exists(env):
@@ -339,14 +375,27 @@ def find_and_load() -> tuple[ctypes.CDLL, str]:
                 path=env,
             )
         return _load_cdll(env), env
-    tried = candidate_paths()
-    for p in tried:
+    tried = []
+    for p in candidate_paths():
         if p.is_file():
             return _load_cdll(p), str(p)
-    listing = "\n  ".join(str(p) for p in tried)
+        tried.append(f"{p}: no such file")
+    system_names = [SYSTEM_LIBRARY_NAME]
+    found = ctypes.util.find_library("cowdisk")
+    if found and found not in system_names:
+        system_names.append(found)
+    for name in system_names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as e:
+            tried.append(f"{name} (system library): {e}")
+            continue
+        return lib, _loaded_path(name)
+    if not found:
+        tried.append('ctypes.util.find_library("cowdisk"): nothing found')
+    listing = "\n  ".join(tried)
     raise ImportError(
-        "cowdisk: cannot find libcowdisk.so. Build it with `cargo build --release` in the "
-        f"repository, or set {ENV_VAR} to its path. Searched:\n  {listing}"
+        f"cowdisk: cannot find libcowdisk.so. {_HOW_TO_FIX} Tried:\n  {listing}"
     )
 
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 from . import _native
+from ._compat import frozen_dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_dataclass
 class Snapshot:
     """An internal snapshot, as listed by :meth:`Image.snapshots`.
 

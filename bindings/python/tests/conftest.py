@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,14 @@ if str(PYTHON_DIR) not in sys.path:
     sys.path.insert(0, str(PYTHON_DIR))
 
 import cowdisk  # noqa: E402
+
+# random.Random.randbytes is Python 3.9+; the tests use it on 3.8 too (same bytes).
+if not hasattr(random.Random, "randbytes"):
+
+    def _randbytes(self, n: int) -> bytes:
+        return self.getrandbits(n * 8).to_bytes(n, "little") if n else b""
+
+    random.Random.randbytes = _randbytes
 
 MiB = 1 << 20
 

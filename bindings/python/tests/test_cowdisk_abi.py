@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
 
@@ -84,8 +83,9 @@ def test_struct_layout_matches_c_compiler(tmp_path):
 
 
 def test_version_matches_cargo_toml():
-    cargo = tomllib.loads((REPO / "Cargo.toml").read_text())
-    assert cowdisk.version() == cargo["package"]["version"]
+    # The first `version = ` of Cargo.toml is the [package] one (tomllib is 3.11+).
+    cargo = re.search(r'^version = "([^"]+)"', (REPO / "Cargo.toml").read_text(), re.M)
+    assert cowdisk.version() == cargo.group(1)
 
 
 def test_strerror():
@@ -121,13 +121,19 @@ def copy_package(dest):
 
 
 def test_lookup_uses_build_tree_by_default(clean_env):
-    release = REPO / "target" / "release" / "libcowdisk.so"
-    debug = REPO / "target" / "debug" / "libcowdisk.so"
-    if not (release.exists() or debug.exists()):
-        pytest.skip("no build tree under target/ (CARGO_TARGET_DIR set?)")
+    tree = [
+        REPO / "build" / "lib" / "libcowdisk.so",
+        REPO / "target" / "release" / "libcowdisk.so",
+        REPO / "target" / "debug" / "libcowdisk.so",
+    ]
+    existing = [p for p in tree if p.exists()]
+    if not existing:
+        pytest.skip("no build tree under build/lib or target/ (CARGO_TARGET_DIR set?)")
+    if (PYTHON_DIR / "cowdisk" / "libcowdisk.so").exists():
+        pytest.skip("bindings/python/cowdisk/libcowdisk.so exists and comes first")
     r = run_child(clean_env, PYTHON_DIR)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == str(release if release.exists() else debug)
+    assert r.stdout.splitlines()[0] == str(existing[0])
 
 
 def test_lookup_env_var_wins(clean_env, tmp_path):
@@ -163,13 +169,52 @@ def test_lookup_next_to_package(clean_env, tmp_path):
     assert r.stdout.splitlines()[0] == str(site / "cowdisk" / "libcowdisk.so")
 
 
+def system_library_installed(env) -> bool:
+    """Whether the dynamic linker finds a libcowdisk.so.0 in ``env`` (then the system
+    library is the last resort of the lookup, and a copied package does load)."""
+    probe = "import ctypes, ctypes.util; ctypes.CDLL('libcowdisk.so.0')"
+    ok = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True)
+    return ok.returncode == 0 or bool(ctypes.util.find_library("cowdisk"))
+
+
 def test_lookup_not_found_is_clear_import_error(clean_env, tmp_path):
+    if system_library_installed(clean_env):
+        pytest.skip("a system libcowdisk.so.0 is installed")
     site = tmp_path / "a" / "b"
     copy_package(site / "cowdisk")
     r = run_child(clean_env, site)
     assert r.returncode != 0
     assert "ImportError" in r.stderr
     assert "cannot find libcowdisk.so" in r.stderr and "COWDISK_LIB" in r.stderr
+    # Everything tried is listed, and how to fix it.
+    assert str(site / "cowdisk" / "libcowdisk.so") in r.stderr
+    assert "libcowdisk.so.0 (system library)" in r.stderr
+    assert "pip install" in r.stderr and "make install" in r.stderr
+
+
+def test_lookup_system_library_through_ld_library_path(clean_env, tmp_path):
+    """Without a package copy or build tree, the dynamic linker's libcowdisk.so.0."""
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    shutil.copy(cowdisk.library_path, libdir / "libcowdisk.so.0")
+    site = tmp_path / "a" / "b"
+    copy_package(site / "cowdisk")
+    env = dict(clean_env, LD_LIBRARY_PATH=str(libdir))
+    r = run_child(env, site)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [str(libdir / "libcowdisk.so.0"), cowdisk.version()]
+
+
+def test_lookup_package_copy_comes_before_system_library(clean_env, tmp_path):
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    shutil.copy(cowdisk.library_path, libdir / "libcowdisk.so.0")
+    site = tmp_path / "a" / "b"
+    copy_package(site / "cowdisk")
+    shutil.copy(cowdisk.library_path, site / "cowdisk" / "libcowdisk.so")
+    r = run_child(dict(clean_env, LD_LIBRARY_PATH=str(libdir)), site)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == str(site / "cowdisk" / "libcowdisk.so")
 
 
 def test_header_version_matches_library():

@@ -231,3 +231,29 @@ def test_errors_are_the_builtin_oserror_subclasses(tmp_path, new_image):
     with pytest.raises(cowdisk.Error) as exc:
         cowdisk.open(tmp_path / "junk")
     assert type(exc.value) is cowdisk.Error and exc.value.errno == errno.EINVAL
+
+
+def test_error_classes_for_permission_errnos():
+    from cowdisk._errors import error_class
+
+    for code in (errno.EACCES, errno.EPERM):
+        cls = error_class(code)
+        assert issubclass(cls, cowdisk.Error) and issubclass(cls, PermissionError)
+    assert issubclass(error_class(errno.ENOENT), FileNotFoundError)
+    assert issubclass(error_class(errno.EEXIST), FileExistsError)
+    assert error_class(errno.EINVAL) is cowdisk.Error
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root is not refused access to files")
+def test_permission_denied_is_permission_error(new_image):
+    path = new_image()
+    os.chmod(path, 0o400)
+    try:
+        with pytest.raises(PermissionError) as exc:
+            cowdisk.open(path)  # read-write
+        assert isinstance(exc.value, cowdisk.Error) and exc.value.errno == errno.EACCES
+        assert exc.value.filename == str(path)
+        with cowdisk.open(path, readonly=True):
+            pass
+    finally:
+        os.chmod(path, 0o600)
