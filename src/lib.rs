@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bitmap;
 pub mod convert;
 pub mod crypto;
 pub mod error;

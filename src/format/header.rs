@@ -116,6 +116,9 @@ pub struct Header {
     /// Where the LUKS area lies (the "full disk encryption header pointer"
     /// extension): host offset and length in bytes.
     pub crypto_header: Option<(u64, u64)>,
+    /// The bitmaps extension (persistent dirty bitmaps), as found: whether it is
+    /// consistent is the autoclear bit's to say (`format::bitmap::AUTOCLEAR_BITMAPS`).
+    pub bitmaps: Option<crate::format::bitmap::BitmapsExtension>,
     /// Extensions we preserve unchanged, in their original order.
     pub preserved_extensions: Vec<RawExtension>,
 }
@@ -169,6 +172,7 @@ impl Header {
             backing_format: None,
             feature_names: Vec::new(),
             crypto_header: None,
+            bitmaps: None,
             preserved_extensions: Vec::new(),
         }
     }
@@ -258,7 +262,7 @@ impl Header {
             cluster_size as usize
         }
         .min(buf.len());
-        h.parse_extensions(buf, header_length as usize, ext_end)?;
+        h.parse_extensions(buf, header_length as usize, ext_end, file_size)?;
 
         if backing_file_offset != 0 {
             if backing_file_size > MAX_BACKING_NAME {
@@ -283,7 +287,13 @@ impl Header {
         Ok(h)
     }
 
-    fn parse_extensions(&mut self, buf: &[u8], start: usize, end: usize) -> Result<()> {
+    fn parse_extensions(
+        &mut self,
+        buf: &[u8],
+        start: usize,
+        end: usize,
+        file_size: u64,
+    ) -> Result<()> {
         let mut off = start;
         while off + 8 <= end {
             let kind = be32(buf, off);
@@ -318,6 +328,22 @@ impl Header {
                         return Err(corrupt!("two encryption header pointer extensions"));
                     }
                     self.crypto_header = Some((be64(data, 0), be64(data, 8)));
+                }
+                // Without the autoclear bit the extension is stale (a writer that does
+                // not know bitmaps changed the image): ignored, as QEMU does.
+                crate::format::bitmap::EXT_BITMAPS
+                    if self.version >= 3
+                        && self.autoclear_features & crate::format::bitmap::AUTOCLEAR_BITMAPS
+                            != 0 =>
+                {
+                    if self.bitmaps.is_some() {
+                        return Err(corrupt!("two bitmaps extensions"));
+                    }
+                    self.bitmaps = Some(crate::format::bitmap::BitmapsExtension::parse(
+                        data,
+                        1u64 << self.cluster_bits,
+                        file_size,
+                    )?);
                 }
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
@@ -569,10 +595,14 @@ impl Header {
                 .sum::<usize>()
                 + 8
                 + self.crypto_header.map_or(0, |_| 24)
+                + self.bitmaps.map_or(0, |_| 32)
                 + self.backing_file.as_ref().map_or(0, |b| b.len());
             if out.len() + 8 + table.len() + rest <= cs {
                 push_ext(&mut out, EXT_FEATURE_TABLE, &table);
             }
+        }
+        if let Some(b) = &self.bitmaps {
+            push_ext(&mut out, crate::format::bitmap::EXT_BITMAPS, &b.serialize());
         }
         for ext in &self.preserved_extensions {
             push_ext(&mut out, ext.kind, &ext.data);

@@ -121,6 +121,12 @@ impl Meta {
                 "Internal snapshots prevent downgrade of image".into(),
             ));
         }
+        if self.header.bitmaps.is_some() || !self.bitmaps.is_empty() {
+            // v2 has no autoclear bits: the bitmaps could not be kept consistent.
+            return Err(Error::Unsupported(
+                "Cannot downgrade an image with persistent bitmaps (remove them first)".into(),
+            ));
+        }
         let other = self.header.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
         if other != 0 {
             return Err(Error::Unsupported(format!(

@@ -384,6 +384,12 @@ impl Meta {
         if h.nb_snapshots > 0 {
             w.counts.add(r, h.snapshots_offset, self.snapshots.size);
         }
+        if let Some(e) = &self.bitmaps.error {
+            r.error(format!("ERROR persistent bitmaps: {e}"));
+        }
+        for (offset, len, _) in self.bitmaps.clusters(cs) {
+            w.counts.add(r, offset, len);
+        }
         if let Some((offset, length)) = h.crypto_header {
             w.counts.add(r, offset, length);
         }

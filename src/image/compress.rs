@@ -592,6 +592,7 @@ impl Meta {
         let cs = self.cluster_size;
         self.refuse_compressed_if_encrypted()?;
         self.check_compressed_targets(offset, raw.len() as u64 * cs)?;
+        self.mark_dirty(offset, raw.len() as u64 * cs);
         // A full cache that cannot be written out refuses the call before anything
         // changes; later write-outs that fail are retried by the next call or flush.
         if self.compressed_cache_full() {

@@ -256,6 +256,8 @@ impl Image {
         let mut meta = self.lock()?;
         meta.check_writable()?;
         Image::check_range(&meta, buf.len(), offset, "write")?;
+        // Set before the data lands: a failed write's range is undefined, so dirty.
+        meta.mark_dirty(offset, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;

@@ -82,6 +82,8 @@ pub(crate) struct Meta {
     pub flush_failed: Option<String>,
     /// The internal snapshot table (see `snapshot.rs`).
     pub snapshots: crate::format::snapshot::SnapshotTable,
+    /// Persistent dirty bitmaps (see `bitmaps.rs`).
+    pub bitmaps: super::bitmaps::Bitmaps,
     /// Compressed clusters: packing position, write cache, last decompressed cluster.
     pub compress: super::compress::CompressState,
     /// Held shared by every data transfer done without this lock; taken exclusively

@@ -5,6 +5,7 @@
 
 mod amend;
 mod backing;
+mod bitmaps;
 mod cache;
 mod check;
 mod cluster;
@@ -29,6 +30,7 @@ mod write;
 mod zero;
 
 pub use amend::AmendOptions;
+pub use bitmaps::{default_granularity, BitmapInfo, DirtyExtent};
 pub use check::{CheckReport, Progress, Repair};
 pub use compress::{ClusterCompressor, CompressedClusters, DEFAULT_COMPRESSED_CACHE_SIZE};
 pub use options::*;
@@ -230,6 +232,7 @@ impl Image {
             if meta.read_only {
                 return Ok(());
             }
+            meta.store_bitmaps()?;
             meta.trim_preallocation()
         })
     }
@@ -336,7 +339,11 @@ impl Drop for Image {
         let _ = self.vmstate.shutdown();
         if !self.closed {
             if let Ok(mut meta) = self.meta.lock() {
-                if !meta.read_only && meta.broken.is_none() && meta.flush_metadata().is_ok() {
+                if !meta.read_only
+                    && meta.broken.is_none()
+                    && meta.flush_metadata().is_ok()
+                    && meta.store_bitmaps().is_ok()
+                {
                     let _ = meta.trim_preallocation();
                 }
             }

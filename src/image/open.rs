@@ -1,5 +1,6 @@
 //! Opening an image: reading and validating the header and tables, sizing the caches,
-//! opening the backing chain, and QEMU's autoclear rule for read-write opens.
+//! opening the backing chain, loading persistent bitmaps, and QEMU's autoclear rule
+//! for read-write opens.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -136,6 +137,7 @@ pub(crate) fn open_meta(
         in_doubt: false,
         flush_failed: None,
         snapshots: Default::default(),
+        bitmaps: Default::default(),
         compress: super::compress::CompressState::new(if opts.read_only {
             0
         } else {
@@ -150,6 +152,7 @@ pub(crate) fn open_meta(
     };
 
     meta.snapshots = meta.read_snapshot_table()?;
+    meta.load_bitmaps(opts.drop_bitmaps)?;
     meta.rebuild_metadata_index();
     if let Some(name) = &opts.snapshot {
         meta.view_snapshot(name.as_bytes())?;
@@ -164,13 +167,10 @@ pub(crate) fn open_meta(
         meta.rebuild_refcounts()?;
     }
 
-    if !meta.read_only && meta.header.version >= 3 && meta.header.autoclear_features != 0 {
-        // We do not maintain what autoclear features describe (bitmaps), so, as QEMU
-        // does for bits it does not know, clear them before the first write.
-        let old = meta.header.clone();
-        meta.header.autoclear_features = 0;
-        meta.switch_header(&old)?;
-        meta.sync()?;
+    if !meta.read_only && meta.header.version >= 3 {
+        // Autoclear bits we do not maintain are cleared before the first write, as
+        // QEMU does; the bitmaps we keep are marked in use (see `bitmaps.rs`).
+        meta.claim_autoclear()?;
     }
     Ok(meta)
 }

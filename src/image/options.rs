@@ -134,6 +134,11 @@ pub struct OpenOptions {
     /// opens without its passphrase, and reading or writing its data then fails with
     /// `NoKey`. Implies nothing about writability by itself.
     pub metadata_only: bool,
+    /// Read-write opens of an image whose persistent bitmaps cannot be kept (an
+    /// unknown type or flag, a damaged directory): open anyway and give the bitmaps
+    /// up, as a program without bitmap support would (their clusters leak until
+    /// `check -r leaks`). Without it such an open fails and says why.
+    pub drop_bitmaps: bool,
 }
 
 impl Default for OpenOptions {
@@ -154,6 +159,7 @@ impl Default for OpenOptions {
             no_flush: false,
             secret: None,
             metadata_only: false,
+            drop_bitmaps: false,
         }
     }
 }

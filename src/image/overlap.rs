@@ -8,7 +8,7 @@
 //! The index is kept as tables are allocated and freed, so the hot path pays one
 //! ordered-map probe, not a scan. It knows the header, the active L1 table, the
 //! refcount table, every refcount block, every active L2 table, the snapshot table and
-//! the snapshots' L1 tables and, read once when the snapshot table changes (up to
+//! the snapshots' L1 tables, the persistent bitmaps' directory, tables and data and, read once when the snapshot table changes (up to
 //! [`MAX_SNAPSHOT_L1_BYTES`] of them), the snapshots' L2 tables.
 
 use std::collections::BTreeMap;
@@ -31,10 +31,13 @@ pub(crate) enum Kind {
     SnapshotL1 = 64,
     SnapshotL2 = 128,
     LuksHeader = 256,
+    BitmapDirectory = 512,
+    BitmapTable = 1024,
+    BitmapData = 2048,
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Header => "qcow2 header",
             Kind::ActiveL1 => "active L1 table",
@@ -45,6 +48,9 @@ impl Kind {
             Kind::SnapshotL1 => "inactive L1 table",
             Kind::SnapshotL2 => "inactive L2 table",
             Kind::LuksHeader => "LUKS header",
+            Kind::BitmapDirectory => "bitmap directory",
+            Kind::BitmapTable => "bitmap table",
+            Kind::BitmapData => "bitmap data",
         }
     }
 }
@@ -141,6 +147,9 @@ impl Meta {
         }
         if let Some((offset, length)) = h.crypto_header {
             ix.add(offset >> cb, clusters(length), Kind::LuksHeader);
+        }
+        for (offset, len, kind) in self.bitmaps.clusters(cs) {
+            ix.add(offset >> cb, clusters(len), kind);
         }
         if h.nb_snapshots > 0 {
             ix.add(

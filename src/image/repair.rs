@@ -11,9 +11,6 @@ use crate::format::entry::{self, Mapping};
 use crate::format::header::{INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::format::refcount;
 
-/// Bitmaps header extension: its clusters are not walked, so refuse to repair.
-const EXT_BITMAPS: u32 = 0x2385_2875;
-
 /// Expected refcount of every host cluster of the file.
 struct Counts {
     per_cluster: Vec<u64>,
@@ -72,15 +69,10 @@ impl Meta {
     /// refcount structure after the end of the file, switches the header to it and
     /// clears the dirty bit.
     pub(crate) fn rebuild_refcounts(&mut self) -> Result<()> {
-        if self
-            .header
-            .preserved_extensions
-            .iter()
-            .any(|e| e.kind == EXT_BITMAPS)
-        {
-            return Err(Error::Unsupported(
-                "cannot repair the refcounts of an image with persistent bitmaps".into(),
-            ));
+        if let Some(e) = &self.bitmaps.error {
+            return Err(Error::Unsupported(format!(
+                "cannot rebuild the refcounts: the persistent bitmaps cannot be read ({e})"
+            )));
         }
         let cs = self.cluster_size;
         let file_clusters = self.file_len.div_ceil(cs);
@@ -129,6 +121,9 @@ impl Meta {
             }
         }
 
+        for (offset, len, kind) in self.bitmaps.clusters(cs) {
+            counts.add(kind.name(), offset, len)?;
+        }
         self.rebuild_refcounts_from(counts.per_cluster)
     }
 

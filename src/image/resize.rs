@@ -24,11 +24,19 @@ impl Meta {
                 self.cluster_size
             ));
         }
+        if new_size != old_size {
+            self.check_bitmaps_resizable(new_size)?;
+        }
         match new_size.cmp(&old_size) {
             std::cmp::Ordering::Equal => Ok(()),
             std::cmp::Ordering::Greater => self.grow(old_size, new_size),
             std::cmp::Ordering::Less => self.shrink(new_size, force),
         }
+        .inspect(|()| {
+            if new_size != old_size {
+                self.resized_bitmaps(new_size)
+            }
+        })
     }
 
     fn grow(&mut self, old_size: u64, new_size: u64) -> Result<()> {

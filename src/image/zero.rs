@@ -42,6 +42,7 @@ impl Meta {
     /// Zeroes guest `[offset, offset+len)` (range-checked by the caller). Afterwards
     /// the range reads as zeros whatever the backing chain holds, now or later.
     pub(crate) fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.mark_dirty(offset, len);
         for (cluster, start, end, whole) in self.cluster_pieces(offset, len) {
             if whole {
                 self.zero_whole_cluster(cluster, may_unmap)?;
@@ -81,6 +82,7 @@ impl Meta {
     /// Discards guest `[offset, offset+len)`: whole clusters are released (reading as
     /// zeros, or as the backing file on v2); partial clusters are left alone.
     pub(crate) fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.mark_dirty(offset, len);
         let zero_over_backing = self.header.version >= 3 && self.has_backing_file();
         for (cluster, _, _, whole) in self.cluster_pieces(offset, len) {
             if !whole {
