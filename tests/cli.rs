@@ -440,7 +440,7 @@ fn info_json_matches_qemu_and_reports_the_chain() {
     assert!(info["actual-size"].as_u64().unwrap() > 0);
     assert_eq!(info["backing-filename"], "base.qcow2");
     assert_eq!(info["backing-filename-format"], "qcow2");
-    let chain = info["backing-chain"]
+    let chain = info["cowdisk"]["backing-chain"]
         .as_array()
         .expect("backing-chain array");
     assert_eq!(chain.len(), 1);
@@ -461,7 +461,7 @@ fn info_json_matches_qemu_and_reports_the_chain() {
     let base_info: Value = serde_json::from_str(&ok(&["info", "--output=json", &base])).unwrap();
     assert_eq!(base_info["cluster-size"], 32768);
     assert_eq!(base_info["format-specific"]["data"]["lazy-refcounts"], true);
-    assert_eq!(base_info["backing-chain"], Value::Array(vec![]));
+    assert_eq!(base_info["cowdisk"]["backing-chain"], Value::Array(vec![]));
     assert!(base_info.get("backing-filename").is_none());
 
     let full: Value =

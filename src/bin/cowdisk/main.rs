@@ -151,8 +151,18 @@ impl<T> PathContext<T> for Result<T, cowdisk::Error> {
 }
 
 impl<T> Context<T> for std::io::Result<T> {
+    /// Prefixes the error with `what`, without Rust's ` (os error N)` suffix.
     fn context(self, what: impl FnOnce() -> String) -> CliResult<T> {
-        self.map_err(|e| CliError(format!("{}: {e}", what())))
+        self.map_err(|e| CliError(format!("{}: {}", what(), io_message(&e))))
+    }
+}
+
+/// An I/O error's message without Rust's ` (os error N)` suffix.
+pub fn io_message(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
     }
 }
 
