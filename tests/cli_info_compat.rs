@@ -89,7 +89,8 @@ fn compare(q: &Value, c: &Value, path: &str, top: bool, problems: &mut Vec<Strin
                 }
             }
             for key in co.keys() {
-                if !qo.contains_key(key) && !(top && key == EXTENSION) {
+                let allowed = qo.contains_key(key) || (top && key == EXTENSION);
+                if !allowed {
                     problems.push(format!("{path}/{key}: printed by cowdisk, not by qemu-img"));
                 }
             }

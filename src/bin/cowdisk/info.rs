@@ -188,19 +188,13 @@ pub fn run(args: InfoArgs) -> CliResult {
     let share = args.share.force_share;
     let mut entries = vec![qcow2_entry(&args.file, share)?];
     if args.backing_chain {
-        loop {
-            let Some(Entry::Qcow2 {
-                info,
-                full_backing: Some(next),
-                ..
-            }) = entries.last()
-            else {
-                break;
-            };
-            let parent = match entries.last() {
-                Some(Entry::Qcow2 { filename, .. }) => filename.clone(),
-                _ => String::new(),
-            };
+        while let Some(Entry::Qcow2 {
+            filename: parent,
+            info,
+            full_backing: Some(next),
+            ..
+        }) = entries.last()
+        {
             if entries.len() > MAX_CHAIN {
                 return Err(CliError(format!(
                     "the backing chain of '{}' is longer than {MAX_CHAIN} images",
