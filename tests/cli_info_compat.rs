@@ -139,6 +139,30 @@ fn assert_info_agrees(dir: &Path, image: &str, extra: &[&str]) {
     }
 }
 
+/// Runs the text `info` (plus `extra`) with both tools and asserts the same text,
+/// once cowdisk's own `Backing chain:` summary is left out.
+fn assert_text_agrees(dir: &Path, image: &str, extra: &[&str]) {
+    let mut args = vec!["info"];
+    args.extend_from_slice(extra);
+    args.push(image);
+    let q = ok_in(dir, "qemu-img", &args);
+    let c = ok_in(dir, COWDISK, &args);
+    let mut kept = Vec::new();
+    let mut in_summary = false;
+    for line in c.lines() {
+        if line == "Backing chain:" {
+            in_summary = true;
+        } else if in_summary && line.starts_with("    ") {
+            continue;
+        } else {
+            in_summary = false;
+            kept.push(line);
+        }
+    }
+    let c = kept.join("\n");
+    assert_eq!(c.trim_end(), q.trim_end(), "text info {extra:?} of {image}");
+}
+
 /// The comparison itself catches a renamed, a missing, a changed and an extra key.
 #[test]
 fn comparison_catches_differences() {
@@ -204,6 +228,11 @@ fn info_json_matches_qemu_img_key_by_key() {
         "zstd.qcow2",
         "10M",
     ]);
+    ok_in(
+        dir,
+        "qemu-io",
+        &["-c", "write -c -P 3 0 128k", "zstd.qcow2"],
+    );
     // A chain of three, the middle one in a sub-folder with a relative name.
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     qemu(&["create", "-q", "-f", "qcow2", "sub/base.qcow2", "8M"]);
@@ -262,6 +291,7 @@ fn info_json_matches_qemu_img_key_by_key() {
         "orphan.qcow2",
     ]);
     std::fs::remove_file(dir.join("gone.qcow2")).unwrap();
+    std::fs::write(dir.join("pw"), "hunter2").unwrap();
     // An image made and written by cowdisk.
     ok_in(dir, COWDISK, &["create", "-q", "ours.qcow2", "5M"]);
     ok_in(
@@ -269,8 +299,27 @@ fn info_json_matches_qemu_img_key_by_key() {
         COWDISK,
         &["write", "-P", "0x5a", "ours.qcow2", "1M", "300k"],
     );
+    ok_in(
+        dir,
+        COWDISK,
+        &["snapshot", "-c", "by-cowdisk", "ours.qcow2"],
+    );
+    // Legacy AES, made by cowdisk (qemu-img no longer creates it).
+    ok_in(
+        dir,
+        COWDISK,
+        &[
+            "create",
+            "-q",
+            "--secret-file",
+            "pw",
+            "-o",
+            "encrypt.format=aes",
+            "aes.qcow2",
+            "1M",
+        ],
+    );
     // LUKS, made by qemu-img (cheap key derivation).
-    std::fs::write(dir.join("pw"), "hunter2").unwrap();
     qemu(&[
         "create",
         "-q",
@@ -281,6 +330,19 @@ fn info_json_matches_qemu_img_key_by_key() {
         "-o",
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         "luks.qcow2",
+        "1M",
+    ]);
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,file=pw",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,\
+         encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+        "luks-essiv.qcow2",
         "1M",
     ]);
 
@@ -294,10 +356,14 @@ fn info_json_matches_qemu_img_key_by_key() {
         "snap.qcow2",
         "ours.qcow2",
         "luks.qcow2",
+        "luks-essiv.qcow2",
+        "aes.qcow2",
     ] {
         assert_info_agrees(dir, image, &[]);
         assert_info_agrees(dir, image, &["--backing-chain"]);
         assert_info_agrees(dir, image, &["-U"]);
+        assert_text_agrees(dir, image, &[]);
+        assert_text_agrees(dir, image, &["--backing-chain"]);
     }
     // Absolute names give absolute full-backing-filename values in both.
     let top = tmp.path("top.qcow2");

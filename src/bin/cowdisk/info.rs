@@ -461,7 +461,8 @@ fn entry_human(entry: &Entry) -> String {
             out += &format!("    refcount bits: {}\n", info.refcount_bits);
             if let Some(Value::Object(e)) = encrypt_json(info) {
                 out += "    encrypt:\n";
-                human_object(&mut out, &e, 8);
+                let ordered = qemu_encrypt_order(e);
+                human_object(&mut out, ordered.iter().map(|(k, v)| (k, v)), 8);
             }
             if info.version >= 3 {
                 out += &format!("    corrupt: {}\n", info.corrupt);
@@ -505,9 +506,41 @@ fn encrypt_json(info: &ImageInfo) -> Option<Value> {
     })
 }
 
+/// The order in which `qemu-img info` prints the keys of a LUKS `encrypt` object (the
+/// order of QEMU's hash table, fixed by the key names); other keys follow.
+const QEMU_ENCRYPT_ORDER: &[&str] = &[
+    "ivgen-alg",
+    "detached-header",
+    "hash-alg",
+    "cipher-alg",
+    "uuid",
+    "ivgen-hash-alg",
+    "format",
+    "cipher-mode",
+    "slots",
+    "payload-offset",
+    "master-key-iters",
+];
+
+/// The `encrypt` object's entries in `qemu-img info`'s text order.
+fn qemu_encrypt_order(mut e: Map<String, Value>) -> Vec<(String, Value)> {
+    let mut ordered = Vec::new();
+    for key in QEMU_ENCRYPT_ORDER {
+        if let Some(v) = e.remove(*key) {
+            ordered.push((key.to_string(), v));
+        }
+    }
+    ordered.extend(e);
+    ordered
+}
+
 /// Writes a JSON object the way `qemu-img info` prints format-specific data: keys
 /// with spaces for dashes, lists of objects as `[i]:` entries.
-fn human_object(out: &mut String, obj: &Map<String, Value>, indent: usize) {
+fn human_object<'a>(
+    out: &mut String,
+    obj: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    indent: usize,
+) {
     let pad = " ".repeat(indent);
     for (key, value) in obj {
         let key = key.replace('-', " ");
