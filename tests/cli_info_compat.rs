@@ -346,6 +346,52 @@ fn info_json_matches_qemu_img_key_by_key() {
         "1M",
     ]);
 
+    // Dirty (lazy refcounts, writer killed) and corrupt (the header bit set).
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        "dirty.qcow2",
+        "1M",
+    ]);
+    let _ = run_in(
+        dir,
+        "qemu-io",
+        &["-c", "write 0 64k", "-c", "abort", "dirty.qcow2"],
+    );
+    qemu(&["create", "-q", "-f", "qcow2", "corrupt.qcow2", "1M"]);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("corrupt.qcow2"))
+            .unwrap();
+        // incompatible_features (header offset 72, big-endian): bit 1 is "corrupt".
+        f.write_all_at(&[2], 79).unwrap();
+    }
+    for image in ["dirty.qcow2", "corrupt.qcow2"] {
+        assert_info_agrees(dir, image, &[]);
+        assert_text_agrees(dir, image, &[]);
+    }
+    let dirty: Value = serde_json::from_str(&ok_in(
+        dir,
+        COWDISK,
+        &["info", "--output=json", "dirty.qcow2"],
+    ))
+    .unwrap();
+    assert_eq!(dirty["dirty-flag"], true, "{dirty:#}");
+    let corrupt: Value = serde_json::from_str(&ok_in(
+        dir,
+        COWDISK,
+        &["info", "--output=json", "corrupt.qcow2"],
+    ))
+    .unwrap();
+    assert_eq!(corrupt["format-specific"]["data"]["corrupt"], true);
+
     for image in [
         "plain.qcow2",
         "v2.qcow2",

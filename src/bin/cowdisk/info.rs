@@ -450,7 +450,7 @@ fn entry_human(entry: &Entry) -> String {
                 out += &snapshot_table(snapshots);
             }
             if info.dirty {
-                out += "dirty flag: true\n";
+                out += "cleanly shut down: no\n";
             }
             out += "Format specific information:\n";
             out += &format!("    compat: {}\n", compat(info.version));
