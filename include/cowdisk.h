@@ -125,6 +125,12 @@
 #define COWDISK_CREATE_LAZY_REFCOUNTS 1
 
 /**
+ * Do not open the backing file (`qemu-img create -u`): `backing_format` and a
+ * non-zero size are then required (`cowdisk_create_opts.flags`).
+ */
+#define COWDISK_CREATE_NO_BACKING_CHECK 2
+
+/**
  * `cowdisk_info.flags`: the handle is read-only.
  */
 #define COWDISK_INFO_READONLY 1

@@ -23,5 +23,5 @@ pub mod io;
 pub use error::{Error, Result};
 pub use image::{
     CompressionType, CreateOptions, EncryptionFormat, EncryptionInfo, Image, ImageInfo,
-    OpenOptions, SnapshotInfo, SnapshotOptions,
+    OpenOptions, Preallocation, SnapshotInfo, SnapshotOptions,
 };

@@ -440,7 +440,7 @@ fn info_json_matches_qemu_and_reports_the_chain() {
     assert!(info["actual-size"].as_u64().unwrap() > 0);
     assert_eq!(info["backing-filename"], "base.qcow2");
     assert_eq!(info["backing-filename-format"], "qcow2");
-    let chain = info["backing-chain"]
+    let chain = info["cowdisk"]["backing-chain"]
         .as_array()
         .expect("backing-chain array");
     assert_eq!(chain.len(), 1);
@@ -461,7 +461,7 @@ fn info_json_matches_qemu_and_reports_the_chain() {
     let base_info: Value = serde_json::from_str(&ok(&["info", "--output=json", &base])).unwrap();
     assert_eq!(base_info["cluster-size"], 32768);
     assert_eq!(base_info["format-specific"]["data"]["lazy-refcounts"], true);
-    assert_eq!(base_info["backing-chain"], Value::Array(vec![]));
+    assert_eq!(base_info["cowdisk"]["backing-chain"], Value::Array(vec![]));
     assert!(base_info.get("backing-filename").is_none());
 
     let full: Value =
@@ -943,5 +943,230 @@ fn create_quiet_and_one_line_errors_without_rust_noise() {
     for e in [err, fails(&["create", &img, "1M"])] {
         assert!(!e.contains("os error"), "Rust's errno suffix leaked: {e}");
         assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
+    }
+}
+
+/// Allocated bytes of a file on the host.
+fn allocated(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `create -o preallocation=...` maps every cluster like qemu-img's preallocated
+/// images, reads as zeros and checks clean; falloc and full reserve the space.
+#[test]
+fn create_preallocation_like_qemu_img() {
+    let dir = TempDir::new("prealloc");
+    let raw = dir.path("zero.raw");
+    std::fs::write(&raw, vec![0u8; 3 << 20]).unwrap();
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let ours = dir.path(&format!("ours-{mode}.qcow2"));
+        let option = format!("preallocation={mode}");
+        let out = ok(&["create", "-o", &option, &ours, "3M"]);
+        assert!(out.contains(&format!(" {option} ")), "{out}");
+        let info: Value = serde_json::from_str(&ok(&["info", "--output=json", &ours])).unwrap();
+        assert_eq!(info["virtual-size"], 3 << 20);
+        if mode == "falloc" || mode == "full" {
+            assert!(allocated(&ours) >= 3 << 20, "{mode}: {}", allocated(&ours));
+        }
+        if mode == "metadata" {
+            assert!(allocated(&ours) < 1 << 20, "metadata: {}", allocated(&ours));
+        }
+        ok(&["read", "-P", "0", &ours, "0", "3M"]);
+        ok(&["write", "-P", "0x3c", &ours, "1M", "64k"]);
+        ok(&["read", "-P", "0x3c", &ours, "1M", "64k"]);
+        ok(&["write", "-P", "0", &ours, "1M", "64k"]);
+        if !have("qemu-img") {
+            continue;
+        }
+        assert_qemu_check_clean(&ours);
+        let cmp = run_tool(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "raw", &ours, &raw],
+        );
+        assert!(cmp.contains("Images are identical"), "{mode}: {cmp}");
+        let theirs = dir.path(&format!("qemu-{mode}.qcow2"));
+        run_tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &option, &theirs, "3M"],
+        );
+        ok(&["write", "-P", "0", &theirs, "1M", "64k"]);
+        let map = |p: &str| run_tool("qemu-img", &["map", "-f", "qcow2", "--output=json", p]);
+        assert_eq!(
+            map(&ours),
+            map(&theirs),
+            "qemu-img map of preallocation={mode}"
+        );
+    }
+    // Small clusters, several L2 tables and refcount blocks: still clean.
+    let small = dir.path("small.qcow2");
+    ok(&[
+        "create",
+        "-q",
+        "-o",
+        "preallocation=metadata,cluster_size=512,refcount_bits=64",
+        &small,
+        "3M",
+    ]);
+    ok(&["read", "-P", "0", &small, "0", "3M"]);
+    if have("qemu-img") {
+        assert_qemu_check_clean(&small);
+    }
+    let err = fails(&[
+        "create",
+        "-o",
+        "preallocation=sparse",
+        &dir.path("x.qcow2"),
+        "1M",
+    ]);
+    assert_eq!(
+        err,
+        "cowdisk: invalid preallocation mode 'sparse' (expected off, metadata, falloc or full)\n"
+    );
+    let base = dir.path("ours-off.qcow2");
+    let err = fails(&[
+        "create",
+        "-o",
+        "preallocation=metadata",
+        "-b",
+        &base,
+        "-F",
+        "qcow2",
+        &dir.path("y.qcow2"),
+    ]);
+    assert!(err.contains("cannot be used with a backing file"), "{err}");
+    assert!(!Path::new(&dir.path("y.qcow2")).exists());
+}
+
+/// `create -u` stores a backing file name without opening it, as qemu-img does.
+#[test]
+fn create_unsafe_backing_is_not_opened() {
+    let dir = TempDir::new("unsafe");
+    let img = dir.path("u.qcow2");
+    let out = ok(&[
+        "create",
+        "-u",
+        "-b",
+        "not-there.qcow2",
+        "-F",
+        "qcow2",
+        &img,
+        "1M",
+    ]);
+    assert!(
+        out.contains(" backing_file=not-there.qcow2 backing_fmt=qcow2"),
+        "{out}"
+    );
+    let info: Value = serde_json::from_str(&ok(&["info", "--output=json", &img])).unwrap();
+    assert_eq!(info["backing-filename"], "not-there.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(info["virtual-size"], 1 << 20);
+    assert!(
+        info["cowdisk"]["backing-chain-error"].is_string(),
+        "{info:#}"
+    );
+    if have("qemu-img") {
+        let q = qemu_info(&img);
+        assert_eq!(q["backing-filename"], "not-there.qcow2");
+        assert_eq!(q["full-backing-filename"], info["full-backing-filename"]);
+    }
+    let other = dir.path("v.qcow2");
+    assert_eq!(
+        fails(&["create", "-u", "-b", "not-there.qcow2", &other, "1M"]),
+        "cowdisk: -F must be given with -u (the backing file is not opened)\n"
+    );
+    assert_eq!(
+        fails(&[
+            "create",
+            "-u",
+            "-b",
+            "not-there.qcow2",
+            "-F",
+            "qcow2",
+            &other
+        ]),
+        "cowdisk: SIZE must be given with -u (the backing file is not opened)\n"
+    );
+    let err = fails(&[
+        "create",
+        "-b",
+        "not-there.qcow2",
+        "-F",
+        "qcow2",
+        &other,
+        "1M",
+    ]);
+    assert!(
+        err.contains("not-there.qcow2") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!Path::new(&other).exists());
+}
+
+/// Bad sizes and command lines give one line with the reason, and no Rust noise.
+#[test]
+fn bad_sizes_and_usage_errors_are_one_line() {
+    let dir = TempDir::new("sizes");
+    let img = dir.path("s.qcow2");
+    for (size, why) in [
+        ("-1G", "invalid size '-1G': sizes cannot be negative"),
+        ("0x", "invalid size '0x': not a hexadecimal number"),
+        (
+            "1Q",
+            "invalid size '1Q': unknown suffix (use k, M, G, T, P or E)",
+        ),
+        ("1.5", "invalid size '1.5': a fraction needs a unit suffix"),
+        ("16E", "invalid size '16E': too large"),
+    ] {
+        assert_eq!(fails(&["create", &img, size]), format!("cowdisk: {why}\n"));
+        assert_eq!(
+            fails(&["create", &img, "--", size]),
+            format!("cowdisk: {why}\n")
+        );
+    }
+    assert!(!Path::new(&img).exists());
+    ok(&["create", "-q", &img, "1M"]);
+    assert_eq!(
+        fails(&["write", &img, "--", "-1", "1"]),
+        "cowdisk: <OFFSET>: invalid size '-1': sizes cannot be negative\n"
+    );
+    assert_eq!(
+        fails(&["read", &img, "0", "0x"]),
+        "cowdisk: <LENGTH>: invalid size '0x': not a hexadecimal number\n"
+    );
+    assert_eq!(
+        fails(&["info", "--output=yaml", &img]),
+        "cowdisk: invalid value 'yaml' for '--output <OUTPUT>' (possible values: human, json)\n"
+    );
+    assert_eq!(
+        fails(&["info"]),
+        "cowdisk: missing required argument: <FILE>\n"
+    );
+    assert_eq!(
+        fails(&["create", &img, "1M"]),
+        format!("cowdisk: cannot create '{img}': File exists\n")
+    );
+    let missing = dir.path("missing.qcow2");
+    assert_eq!(
+        fails(&["info", &missing]),
+        format!("cowdisk: cannot open '{missing}': No such file or directory\n")
+    );
+    for args in [
+        vec!["frobnicate"],
+        vec!["info", "--bogus", img.as_str()],
+        vec!["write", "--from", "/nonexistent/file", img.as_str(), "0"],
+        vec![
+            "create",
+            "--secret-file",
+            "/nonexistent/pw",
+            "-o",
+            "encrypt.format=luks",
+            &missing,
+            "1M",
+        ],
+    ] {
+        let err = fails(&args);
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+        assert!(!err.contains("os error"), "{args:?}: {err}");
     }
 }

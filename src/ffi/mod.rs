@@ -94,6 +94,9 @@ pub const COWDISK_COMPRESSION_ZSTD: u32 = 1;
 
 /// Create with lazy refcounts (`cowdisk_create_opts.flags`, v3 only).
 pub const COWDISK_CREATE_LAZY_REFCOUNTS: u32 = 1;
+/// Do not open the backing file (`qemu-img create -u`): `backing_format` and a
+/// non-zero size are then required (`cowdisk_create_opts.flags`).
+pub const COWDISK_CREATE_NO_BACKING_CHECK: u32 = 2;
 
 /// `cowdisk_info.flags`: the handle is read-only.
 pub const COWDISK_INFO_READONLY: u32 = 1;

@@ -10,11 +10,11 @@ use crate::image::{
 
 use super::{
     COWDISK_COMPRESSION_ZLIB, COWDISK_COMPRESSION_ZSTD, COWDISK_CREATE_LAZY_REFCOUNTS,
-    COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS, COWDISK_ENCRYPT_NONE, COWDISK_INFO_CORRUPT,
-    COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS, COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK,
-    COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP, COWDISK_OPEN_FORCE_SHARE,
-    COWDISK_OPEN_METADATA_ONLY, COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE,
-    COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
+    COWDISK_CREATE_NO_BACKING_CHECK, COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS,
+    COWDISK_ENCRYPT_NONE, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS,
+    COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP,
+    COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_METADATA_ONLY, COWDISK_OPEN_NO_BACKING,
+    COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
 };
 
 /// Copies a caller's passphrase (`ptr`, `len`) into a zeroed-on-drop [`Secret`].
@@ -199,13 +199,15 @@ pub(super) unsafe fn create_options(opts: *const cowdisk_create_opts) -> Result<
     } else if out.version == 2 {
         out.refcount_bits = 16;
     }
-    if c.flags & !COWDISK_CREATE_LAZY_REFCOUNTS != 0 {
+    let known = COWDISK_CREATE_LAZY_REFCOUNTS | COWDISK_CREATE_NO_BACKING_CHECK;
+    if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown create flags {:#x}",
-            c.flags & !COWDISK_CREATE_LAZY_REFCOUNTS
+            c.flags & !known
         )));
     }
     out.lazy_refcounts = c.flags & COWDISK_CREATE_LAZY_REFCOUNTS != 0;
+    out.open_backing = c.flags & COWDISK_CREATE_NO_BACKING_CHECK == 0;
     out.compression_type = match c.compression_type {
         COWDISK_COMPRESSION_ZLIB => CompressionType::Zlib,
         COWDISK_COMPRESSION_ZSTD => CompressionType::Zstd,

@@ -84,10 +84,21 @@ impl Backing {
                 o.snapshot = None;
                 o.no_flush = false;
                 let img = Image::open_chain(&path, &o, depth_left - 1).map_err(|e| match e {
-                    Error::Io { context, source } => Error::Io {
-                        context: format!("backing file '{}': {context}", path.display()),
-                        source,
-                    },
+                    Error::Io { context, source } => {
+                        // Name the file once: "cannot open backing file 'b'", not
+                        // "backing file 'b': cannot open 'b'".
+                        let shown = format!("'{}'", path.display());
+                        let context = if context.contains(&shown) {
+                            context.replacen(
+                                &format!("cannot open {shown}"),
+                                &format!("cannot open backing file {shown}"),
+                                1,
+                            )
+                        } else {
+                            format!("backing file {shown}: {context}")
+                        };
+                        Error::Io { context, source }
+                    }
                     other => other,
                 })?;
                 Ok(Backing::Qcow2(Box::new(img)))

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::backing::{backing_format, resolve_backing_path, Backing};
-use super::{CompressionType, CreateOptions, Image, OpenOptions};
+use super::{CompressionType, CreateOptions, Image, OpenOptions, Preallocation};
 use crate::error::{Error, Result};
-use crate::format::entry::OFFSET_MASK;
+use crate::format::entry::{COPIED, OFFSET_MASK};
 use crate::format::header::{
     Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, MAX_BACKING_NAME, MAX_CLUSTER_BITS,
     MAX_L1_BYTES, MIN_CLUSTER_BITS,
@@ -52,6 +52,20 @@ fn validate(size: u64, opts: &CreateOptions) -> Result<(u32, u32)> {
         return Err(invalid!(
             "image size {size} exceeds the maximum {max} for {cs}-byte clusters"
         ));
+    }
+    if opts.preallocation != Preallocation::Off {
+        if opts.backing_file.is_some() {
+            return Err(invalid!(
+                "preallocation={} cannot be used with a backing file",
+                opts.preallocation.name()
+            ));
+        }
+        if opts.encryption.is_some() {
+            return Err(invalid!(
+                "preallocation={} is not supported for encrypted images",
+                opts.preallocation.name()
+            ));
+        }
     }
     if let Some(b) = &opts.backing_file {
         if b.len() > MAX_BACKING_NAME as usize {
@@ -102,7 +116,19 @@ pub(crate) fn format_storage(
     let mut size = round_size(size)?;
     let (cluster_bits, refcount_order) = validate(size, opts)?;
     let mut opts = opts.clone();
-    if let Some(name) = &opts.backing_file {
+    if opts.backing_file.is_some() && !opts.open_backing {
+        // qemu-img create -u: nothing to learn from the backing file.
+        if size == 0 {
+            return Err(invalid!(
+                "a size is needed when the backing file is not opened"
+            ));
+        }
+        if opts.backing_format.is_none() {
+            return Err(invalid!(
+                "a backing format is needed when the backing file is not opened"
+            ));
+        }
+    } else if let Some(name) = &opts.backing_file {
         // Check the backing file now (as qemu-img does) and learn its size and format.
         let resolved = resolve_backing_path(path, name);
         let fmt = backing_format(&resolved, opts.backing_format.as_deref())?;
@@ -180,6 +206,7 @@ pub(crate) fn format_storage(
             {
                 meta.create_luks_area(luks, secret)?;
             }
+            meta.preallocate(opts.preallocation, size)?;
         }
         image.close()?;
     }
@@ -187,6 +214,76 @@ pub(crate) fn format_storage(
 }
 
 impl super::meta::Meta {
+    /// Preallocates a new, empty image of `size` bytes as `mode` asks: an L2 table
+    /// for every L1 entry, each followed by the data clusters it maps (QEMU's
+    /// layout), then the data space reserved or zeroed.
+    fn preallocate(&mut self, mode: Preallocation, size: u64) -> Result<()> {
+        if mode == Preallocation::Off || size == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size;
+        let clusters = size.div_ceil(cs);
+        let per_l2 = 1u64 << self.l2_bits;
+        let data_start = self.host_end;
+        let mut guest = 0u64;
+        let mut data_runs = Vec::new();
+        while guest < clusters {
+            let (l1_index, _) = self.indexes(guest * cs);
+            let table = self.writable_l2_table(l1_index)?;
+            let mut n = (per_l2 - guest % per_l2).min(clusters - guest);
+            // Stop at the next refcount block's range: the allocator puts a new
+            // block at the start of its range, and a run crossing it would start
+            // after it and leave the clusters before it unused.
+            let next = self.host_end >> self.cluster_bits;
+            let per_block = 1u64 << self.rb_bits;
+            n = n.min(per_block - next % per_block);
+            let host = self.alloc_clusters(n)?;
+            for i in 0..n {
+                self.set_l2_entry(table, (guest + i) * cs, (host + i * cs) | COPIED)?;
+            }
+            data_runs.push((host, n * cs));
+            guest += n;
+        }
+        self.flush_metadata()?;
+        let end = self.host_end;
+        let io = |what: &'static str| move |e| Error::io(what, e);
+        match mode {
+            Preallocation::Off | Preallocation::Metadata => {
+                if self.storage.len().map_err(io("reading the image length"))? < end {
+                    self.storage
+                        .set_len(end)
+                        .map_err(io("extending the preallocated image"))?;
+                }
+            }
+            Preallocation::Falloc => self
+                .storage
+                .preallocate(data_start, end - data_start)
+                .and_then(|()| {
+                    // Storage that cannot reserve space still gets the length.
+                    if self.storage.len()? < end {
+                        self.storage.set_len(end)?;
+                    }
+                    Ok(())
+                })
+                .map_err(io("reserving the preallocated data"))?,
+            Preallocation::Full => {
+                let zeros = vec![0u8; (1 << 20).max(cs as usize)];
+                for (host, len) in data_runs {
+                    let mut done = 0;
+                    while done < len {
+                        let n = (len - done).min(zeros.len() as u64) as usize;
+                        self.storage
+                            .write_at(&zeros[..n], host + done)
+                            .map_err(io("writing zeros over the preallocated data"))?;
+                        done += n as u64;
+                    }
+                }
+            }
+        }
+        self.file_len = self.file_len.max(end);
+        self.sync()
+    }
+
     /// Allocates and zeroes a fresh L1 table of `entries`, then points the header at it
     /// and sets the virtual size.
     fn create_l1_table(&mut self, entries: u64, size: u64) -> Result<()> {

@@ -30,6 +30,45 @@ impl CompressionType {
     }
 }
 
+/// How much of a new image [`crate::Image::create`] allocates up front (qemu-img's
+/// `preallocation=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing: clusters are allocated when first written.
+    #[default]
+    Off,
+    /// Every L2 table and a data cluster for every guest cluster, mapped in order;
+    /// the file is only extended, so the data reads as zeros from holes.
+    Metadata,
+    /// `Metadata`, plus the data clusters' host space reserved (`fallocate`).
+    Falloc,
+    /// `Metadata`, plus zeros written over every data cluster.
+    Full,
+}
+
+impl Preallocation {
+    /// QEMU's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+
+    /// The mode QEMU calls `name`.
+    pub fn from_name(name: &str) -> Option<Preallocation> {
+        Some(match name {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+}
+
 /// Options of [`crate::Image::create`]. The defaults are QEMU's.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -51,6 +90,12 @@ pub struct CreateOptions {
     pub encryption: Option<EncryptionFormat>,
     /// The passphrase of a new encrypted image.
     pub secret: Option<Secret>,
+    /// Open the backing file to check it and learn its format and size (QEMU's
+    /// default). `false` is `qemu-img create -u`: the name is stored unchecked, so a
+    /// size and a backing format must be given.
+    pub open_backing: bool,
+    /// What to allocate up front (not with a backing file or encryption).
+    pub preallocation: Preallocation,
 }
 
 /// How a new image is encrypted.
@@ -75,6 +120,8 @@ impl Default for CreateOptions {
             compression_type: CompressionType::Zlib,
             encryption: None,
             secret: None,
+            open_backing: true,
+            preallocation: Preallocation::Off,
         }
     }
 }

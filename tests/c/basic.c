@@ -149,6 +149,21 @@ static void test_create_errors(const char *image) {
              -EINVAL, "create with version 7");
     CHECK_RC(cowdisk_create(tu_path(path, sizeof path, "no-such-dir/x.qcow2"), DISK_SIZE, NULL),
              -ENOENT, "create in a directory that does not exist");
+
+    /* COWDISK_CREATE_NO_BACKING_CHECK: the backing file is not opened (qemu-img -u). */
+    opts.version = 0;
+    opts.backing_file = "no-such-backing.qcow2";
+    opts.backing_format = "qcow2";
+    CHECK_RC(cowdisk_create(tu_path(path, sizeof path, "checked.qcow2"), DISK_SIZE, &opts),
+             -ENOENT, "create over a missing backing file");
+    opts.flags = COWDISK_CREATE_NO_BACKING_CHECK;
+    CHECK_RC(cowdisk_create(tu_path(path, sizeof path, "unchecked.qcow2"), 0, &opts), -EINVAL,
+             "NO_BACKING_CHECK needs a size");
+    CHECK_RC(cowdisk_create(tu_path(path, sizeof path, "unchecked.qcow2"), DISK_SIZE, &opts), 0,
+             "create with NO_BACKING_CHECK over a missing backing file");
+    opts.flags = 0x80;
+    CHECK_RC(cowdisk_create(tu_path(path, sizeof path, "bad-flags.qcow2"), DISK_SIZE, &opts),
+             -EINVAL, "create with an unknown flag");
 }
 
 static void test_open_errors(const char *image) {

@@ -25,14 +25,15 @@ pub struct CreateArgs {
     /// Format of the backing file: qcow2 or raw (same as `-o backing_fmt=`).
     #[arg(short = 'F', value_name = "BACKING_FMT")]
     backing_format: Option<String>,
-    /// Unsafe: do not check that the backing file exists (SIZE is then required).
+    /// Unsafe: do not open the backing file, store its name as given (SIZE and -F
+    /// are then required).
     #[arg(short = 'u')]
     unsafe_backing: bool,
     /// Quiet: do not print the `Formatting ...` line.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image file to create; it must not exist yet (unlike qemu-img, cowdisk
-    /// never overwrites a file).
+    /// The image file to create. If it already exists, nothing is written and
+    /// create fails with "File exists" (unlike qemu-img, which overwrites it).
     #[arg(value_name = "FILE")]
     file: Option<PathBuf>,
     /// Virtual size in bytes, or with a suffix k, M, G, T (powers of 1024).
@@ -133,6 +134,12 @@ pub fn run(args: CreateArgs) -> CliResult {
                     "SIZE must be given with -u (the backing file is not opened)".to_string(),
                 ));
             }
+            if opts.backing_format.is_none() {
+                return Err(CliError(
+                    "-F must be given with -u (the backing file is not opened)".to_string(),
+                ));
+            }
+            opts.open_backing = false;
         } else {
             let path = resolve_backing(&file, backing);
             std::fs::metadata(&path)
@@ -191,8 +198,13 @@ fn formatting_line(file: &Path, size: u64, opts: &CreateOptions, extras: &Option
     for (k, v) in &extras.encrypt_options {
         encrypt += &format!(" encrypt.{k}={v}");
     }
+    let prealloc = if extras.preallocation_given {
+        format!(" preallocation={}", opts.preallocation.name())
+    } else {
+        String::new()
+    };
     let mut line = format!(
-        "Formatting '{}', fmt=qcow2{encrypt} cluster_size={} extended_l2=off compression_type={} size={}",
+        "Formatting '{}', fmt=qcow2{encrypt} cluster_size={} extended_l2=off{prealloc} compression_type={} size={}",
         file.display(),
         opts.cluster_size,
         opts.compression_type.name(),

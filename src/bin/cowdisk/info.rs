@@ -2,13 +2,14 @@
 
 use crate::parse::human_size;
 use crate::parse::FormatArg;
-use crate::{CliError, CliResult, Context, PathContext};
+use crate::{io_message, CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::BackingInfo;
-use cowdisk::{EncryptionInfo, Image, ImageInfo, OpenOptions};
+use cowdisk::{EncryptionInfo, Image, ImageInfo, OpenOptions, SnapshotInfo};
 use serde_json::{json, Map, Value};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Output formats of `cowdisk info`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,34 +43,65 @@ pub struct InfoArgs {
 
 /// Everything printed about one image of a chain.
 enum Entry {
-    /// A qcow2 image: its filename, its facts, its allocated host size, and the part
-    /// of the chain below it.
+    /// A qcow2 image: its filename, its facts, its snapshots, and the part of the
+    /// chain below it as far as it could be opened.
     Qcow2 {
         /// The name the image was opened by.
         filename: String,
         /// The facts the library reports.
         info: Box<ImageInfo>,
-        /// Bytes allocated on the host.
-        actual_size: u64,
-        /// The backing chain below this image, nearest first.
-        chain: Vec<BackingInfo>,
+        /// The internal snapshots, in table order.
+        snapshots: Vec<SnapshotInfo>,
+        /// The image file on the host.
+        file: HostFile,
+        /// The backing file name resolved against the image's folder, as qemu-img's
+        /// `full-backing-filename`.
+        full_backing: Option<String>,
+        /// The backing chain below this image, nearest first, or why it could not
+        /// be opened.
+        chain: Result<Vec<BackingInfo>, String>,
     },
     /// A raw image of a backing chain.
     Raw {
-        /// The chain entry the library reported.
-        backing: BackingInfo,
-        /// Bytes allocated on the host, when the file could be stat'ed.
-        actual_size: Option<u64>,
+        /// The name the file was found by.
+        filename: String,
+        /// The file on the host (its length is the virtual size).
+        file: HostFile,
     },
 }
 
-/// Bytes allocated for a file on the host (what qemu-img calls "disk size").
-fn allocated_size(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+/// What `stat` says about an image file: qemu-img's `file` child.
+#[derive(Debug, Clone, Copy, Default)]
+struct HostFile {
+    /// File length in bytes, rounded up to whole 512-byte sectors as QEMU's block
+    /// layer reports it.
+    length: u64,
+    /// Bytes allocated on the host (what qemu-img calls "disk size"), when known.
+    allocated: Option<u64>,
 }
 
-/// Opens one image read-only and collects its facts.
-fn open_info(path: &Path, follow_backing: bool, share: bool) -> CliResult<ImageInfo> {
+impl HostFile {
+    /// Stats `path`; zeros when it cannot be stat'ed.
+    fn stat(path: &Path) -> HostFile {
+        match std::fs::metadata(path) {
+            Ok(m) => HostFile {
+                length: m.len().div_ceil(512) * 512,
+                allocated: Some(m.blocks() * 512),
+            },
+            Err(_) => HostFile::default(),
+        }
+    }
+}
+
+/// The most backing files `--backing-chain` walks (a loop guard).
+const MAX_CHAIN: usize = 64;
+
+/// Opens one image read-only and collects its facts and snapshots.
+fn open_info(
+    path: &Path,
+    follow_backing: bool,
+    share: bool,
+) -> CliResult<(ImageInfo, Vec<SnapshotInfo>)> {
     let options = OpenOptions {
         read_only: true,
         follow_backing,
@@ -79,40 +111,113 @@ fn open_info(path: &Path, follow_backing: bool, share: bool) -> CliResult<ImageI
     };
     let image = Image::open(path, &options).path_context("open", path)?;
     let info = image.info();
+    let snapshots = image
+        .snapshots()
+        .path_context("read the snapshots of", path)?;
     image
         .close()
         .context(|| format!("could not close '{}'", path.display()))?;
-    Ok(info)
+    Ok((info, snapshots))
+}
+
+/// qemu-img's `full-backing-filename`: a relative backing name joined to the folder
+/// of the image that names it.
+fn full_backing_name(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
+        _ => b.to_path_buf(),
+    }
+}
+
+/// The format of a backing file: the one stored in the image, else probed from the
+/// file's first bytes (qcow2 magic, or raw).
+fn backing_format(path: &Path, stored: Option<&str>) -> CliResult<String> {
+    if let Some(f) = stored {
+        return Ok(f.to_string());
+    }
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        CliError(format!(
+            "could not open '{}': {}",
+            path.display(),
+            io_message(&e)
+        ))
+    })?;
+    let n = file.read(&mut magic).unwrap_or(0);
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    }
+    .to_string())
+}
+
+/// The entry of the qcow2 image at `path`. The chain below it is followed only for
+/// the `cowdisk` extension object; an image whose backing file cannot be opened is
+/// still shown, as qemu-img does.
+fn qcow2_entry(path: &Path, share: bool) -> CliResult<Entry> {
+    let (info, snapshots) = open_info(path, false, share)?;
+    let chain = if info.backing_file.is_some() {
+        open_info(path, true, share)
+            .map(|(i, _)| i.backing_chain)
+            .map_err(|e| e.0)
+    } else {
+        Ok(Vec::new())
+    };
+    let full_backing = info
+        .backing_file
+        .as_deref()
+        .map(|b| full_backing_name(path, b).to_string_lossy().into_owned());
+    Ok(Entry::Qcow2 {
+        filename: path.to_string_lossy().into_owned(),
+        file: HostFile::stat(path),
+        info: Box::new(info),
+        snapshots,
+        full_backing,
+        chain,
+    })
 }
 
 /// Runs `cowdisk info`.
 pub fn run(args: InfoArgs) -> CliResult {
     args.format.check()?;
-    let info = open_info(&args.file, true, args.share.force_share)?;
-    let chain = info.backing_chain.clone();
-    let mut entries = vec![Entry::Qcow2 {
-        filename: args.file.to_string_lossy().into_owned(),
-        actual_size: allocated_size(&args.file).unwrap_or(info.host_size),
-        info: Box::new(info),
-        chain: chain.clone(),
-    }];
+    let share = args.share.force_share;
+    let mut entries = vec![qcow2_entry(&args.file, share)?];
     if args.backing_chain {
-        for (i, member) in chain.iter().enumerate() {
-            let path = Path::new(&member.filename);
-            entries.push(if member.format == "qcow2" {
-                let info = open_info(path, false, args.share.force_share)?;
-                Entry::Qcow2 {
-                    filename: member.filename.clone(),
-                    actual_size: allocated_size(path).unwrap_or(info.host_size),
-                    info: Box::new(info),
-                    chain: chain[i + 1..].to_vec(),
-                }
+        while let Some(Entry::Qcow2 {
+            filename: parent,
+            info,
+            full_backing: Some(next),
+            ..
+        }) = entries.last()
+        {
+            if entries.len() > MAX_CHAIN {
+                return Err(CliError(format!(
+                    "the backing chain of '{}' is longer than {MAX_CHAIN} images",
+                    args.file.display()
+                )));
+            }
+            let next = PathBuf::from(next);
+            if let Err(e) = std::fs::metadata(&next) {
+                return Err(CliError(format!(
+                    "could not open backing file '{}' of '{parent}': {}",
+                    next.display(),
+                    io_message(&e)
+                )));
+            }
+            let format = backing_format(&next, info.backing_format.as_deref())?;
+            if format == "qcow2" {
+                entries.push(qcow2_entry(&next, share)?);
             } else {
-                Entry::Raw {
-                    backing: member.clone(),
-                    actual_size: allocated_size(path),
-                }
-            });
+                entries.push(Entry::Raw {
+                    filename: next.to_string_lossy().into_owned(),
+                    file: HostFile::stat(&next),
+                });
+            }
         }
     }
     match args.output {
@@ -143,7 +248,8 @@ fn compat(version: u32) -> &'static str {
     }
 }
 
-/// The JSON object of one backing-chain member as listed under `backing-chain`.
+/// The JSON object of one backing-chain member as listed under
+/// `cowdisk.backing-chain`.
 fn chain_member_json(b: &BackingInfo) -> Value {
     json!({
         "filename": b.filename,
@@ -152,18 +258,57 @@ fn chain_member_json(b: &BackingInfo) -> Value {
     })
 }
 
-/// The JSON object of one image, with qemu-img's key names plus `backing-chain`.
+/// qemu-img's `children` array: the `file` child, the host file under the image.
+fn children_json(filename: &str, file: &HostFile) -> Value {
+    let mut child = Map::new();
+    child.insert("children".into(), json!([]));
+    child.insert("virtual-size".into(), json!(file.length));
+    child.insert("filename".into(), json!(filename));
+    child.insert("format".into(), json!("file"));
+    if let Some(a) = file.allocated {
+        child.insert("actual-size".into(), json!(a));
+    }
+    child.insert(
+        "format-specific".into(),
+        json!({ "type": "file", "data": {} }),
+    );
+    child.insert("dirty-flag".into(), json!(false));
+    json!([{ "name": "file", "info": Value::Object(child) }])
+}
+
+/// One entry of qemu-img's `snapshots` array.
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    let mut obj = Map::new();
+    obj.insert("id".into(), json!(s.id));
+    obj.insert("name".into(), json!(s.name));
+    obj.insert("vm-state-size".into(), json!(s.vm_state_size));
+    obj.insert("date-sec".into(), json!(s.date_sec));
+    obj.insert("date-nsec".into(), json!(s.date_nsec));
+    obj.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    obj.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    if s.icount != -1 {
+        obj.insert("icount".into(), json!(s.icount));
+    }
+    Value::Object(obj)
+}
+
+/// The JSON object of one image: qemu-img's keys, plus cowdisk's own facts in one
+/// `cowdisk` object.
 fn entry_json(entry: &Entry) -> Value {
     match entry {
-        Entry::Raw {
-            backing,
-            actual_size,
-        } => {
+        Entry::Raw { filename, file } => {
             let mut obj = Map::new();
-            obj.insert("filename".into(), json!(backing.filename));
-            obj.insert("format".into(), json!(backing.format));
-            obj.insert("virtual-size".into(), json!(backing.virtual_size));
-            if let Some(a) = actual_size {
+            obj.insert("children".into(), children_json(filename, file));
+            obj.insert("virtual-size".into(), json!(file.length));
+            obj.insert("filename".into(), json!(filename));
+            obj.insert("format".into(), json!("raw"));
+            if let Some(a) = file.allocated {
                 obj.insert("actual-size".into(), json!(a));
             }
             obj.insert("dirty-flag".into(), json!(false));
@@ -172,7 +317,9 @@ fn entry_json(entry: &Entry) -> Value {
         Entry::Qcow2 {
             filename,
             info,
-            actual_size,
+            snapshots,
+            file,
+            full_backing,
             chain,
         } => {
             let mut data = Map::new();
@@ -190,37 +337,56 @@ fn entry_json(entry: &Entry) -> Value {
             }
             if info.version >= 3 {
                 data.insert("corrupt".into(), json!(info.corrupt));
+                data.insert("extended-l2".into(), json!(false));
             }
             let mut obj = Map::new();
-            obj.insert("filename".into(), json!(filename));
-            obj.insert("format".into(), json!("qcow2"));
+            obj.insert("children".into(), children_json(filename, file));
+            if !snapshots.is_empty() {
+                obj.insert(
+                    "snapshots".into(),
+                    Value::Array(snapshots.iter().map(snapshot_json).collect()),
+                );
+            }
             obj.insert("virtual-size".into(), json!(info.virtual_size));
-            obj.insert("actual-size".into(), json!(actual_size));
+            obj.insert("filename".into(), json!(filename));
             obj.insert("cluster-size".into(), json!(info.cluster_size));
-            obj.insert("dirty-flag".into(), json!(info.dirty));
-            if info.nb_snapshots > 0 {
-                obj.insert("snapshot-count".into(), json!(info.nb_snapshots));
-            }
-            if let Some(b) = &info.backing_file {
-                obj.insert("backing-filename".into(), json!(b));
-            }
-            if let Some(first) = chain.first() {
-                obj.insert("full-backing-filename".into(), json!(first.filename));
-            }
-            if let Some(f) = &info.backing_format {
-                obj.insert("backing-filename-format".into(), json!(f));
-            }
+            obj.insert("format".into(), json!("qcow2"));
             obj.insert(
-                "format-specific".into(),
-                json!({ "type": "qcow2", "data": Value::Object(data) }),
+                "actual-size".into(),
+                json!(file.allocated.unwrap_or(info.host_size)),
             );
             if info.encryption.is_some() {
                 obj.insert("encrypted".into(), json!(true));
             }
             obj.insert(
-                "backing-chain".into(),
-                Value::Array(chain.iter().map(chain_member_json).collect()),
+                "format-specific".into(),
+                json!({ "type": "qcow2", "data": Value::Object(data) }),
             );
+            if let Some(b) = &info.backing_file {
+                obj.insert("backing-filename".into(), json!(b));
+            }
+            if let Some(f) = full_backing {
+                obj.insert("full-backing-filename".into(), json!(f));
+            }
+            if let Some(f) = &info.backing_format {
+                obj.insert("backing-filename-format".into(), json!(f));
+            }
+            obj.insert("dirty-flag".into(), json!(info.dirty));
+            let mut ours = Map::new();
+            ours.insert("version".into(), json!(info.version));
+            ours.insert("host-size".into(), json!(info.host_size));
+            match chain {
+                Ok(chain) => {
+                    ours.insert(
+                        "backing-chain".into(),
+                        Value::Array(chain.iter().map(chain_member_json).collect()),
+                    );
+                }
+                Err(why) => {
+                    ours.insert("backing-chain-error".into(), json!(why));
+                }
+            }
+            obj.insert("cowdisk".into(), Value::Object(ours));
             Value::Object(obj)
         }
     }
@@ -230,36 +396,48 @@ fn entry_json(entry: &Entry) -> Value {
 fn entry_human(entry: &Entry) -> String {
     let size_line = |bytes: u64| format!("{} ({bytes} bytes)", human_size(bytes));
     let mut out = String::new();
+    let child = |out: &mut String, filename: &str, file: &HostFile| {
+        *out += "Child node '/file':\n";
+        *out += &format!("    filename: {filename}\n");
+        *out += "    protocol type: file\n";
+        *out += &format!("    file length: {}\n", size_line(file.length));
+        if let Some(a) = file.allocated {
+            *out += &format!("    disk size: {}\n", human_size(a));
+        }
+    };
     match entry {
-        Entry::Raw {
-            backing,
-            actual_size,
-        } => {
-            out += &format!("image: {}\n", backing.filename);
-            out += &format!("file format: {}\n", backing.format);
-            out += &format!("virtual size: {}\n", size_line(backing.virtual_size));
-            if let Some(a) = actual_size {
-                out += &format!("disk size: {}\n", human_size(*a));
+        Entry::Raw { filename, file } => {
+            out += &format!("image: {filename}\n");
+            out += "file format: raw\n";
+            out += &format!("virtual size: {}\n", size_line(file.length));
+            if let Some(a) = file.allocated {
+                out += &format!("disk size: {}\n", human_size(a));
             }
+            child(&mut out, filename, file);
         }
         Entry::Qcow2 {
             filename,
             info,
-            actual_size,
+            snapshots,
+            file,
+            full_backing,
             chain,
         } => {
             out += &format!("image: {filename}\n");
             out += "file format: qcow2\n";
             out += &format!("virtual size: {}\n", size_line(info.virtual_size));
-            out += &format!("disk size: {}\n", human_size(*actual_size));
+            out += &format!(
+                "disk size: {}\n",
+                human_size(file.allocated.unwrap_or(info.host_size))
+            );
             if info.encryption.is_some() {
                 out += "encrypted: yes\n";
             }
             out += &format!("cluster_size: {}\n", info.cluster_size);
             if let Some(b) = &info.backing_file {
-                match chain.first() {
-                    Some(first) if first.filename != *b => {
-                        out += &format!("backing file: {b} (actual path: {})\n", first.filename)
+                match full_backing {
+                    Some(full) if full != b => {
+                        out += &format!("backing file: {b} (actual path: {full})\n")
                     }
                     _ => out += &format!("backing file: {b}\n"),
                 }
@@ -267,11 +445,12 @@ fn entry_human(entry: &Entry) -> String {
             if let Some(f) = &info.backing_format {
                 out += &format!("backing file format: {f}\n");
             }
-            if info.nb_snapshots > 0 {
-                out += &format!("internal snapshots: {}\n", info.nb_snapshots);
+            if !snapshots.is_empty() {
+                out += "Snapshot list:\n";
+                out += &snapshot_table(snapshots);
             }
             if info.dirty {
-                out += "dirty flag: true\n";
+                out += "cleanly shut down: no\n";
             }
             out += "Format specific information:\n";
             out += &format!("    compat: {}\n", compat(info.version));
@@ -282,24 +461,39 @@ fn entry_human(entry: &Entry) -> String {
             out += &format!("    refcount bits: {}\n", info.refcount_bits);
             if let Some(Value::Object(e)) = encrypt_json(info) {
                 out += "    encrypt:\n";
-                human_object(&mut out, &e, 8);
+                let ordered = qemu_encrypt_order(e);
+                human_object(&mut out, ordered.iter().map(|(k, v)| (k, v)), 8);
             }
             if info.version >= 3 {
                 out += &format!("    corrupt: {}\n", info.corrupt);
+                out += "    extended l2: false\n";
             }
-            if !chain.is_empty() {
-                out += "Backing chain:\n";
-                for (depth, member) in chain.iter().enumerate() {
-                    out += &format!(
-                        "    [{}] {}: {}, virtual size {}\n",
-                        depth + 1,
-                        member.filename,
-                        member.format,
-                        size_line(member.virtual_size)
-                    );
+            child(&mut out, filename, file);
+            if let Ok(chain) = chain {
+                if !chain.is_empty() {
+                    out += "Backing chain:\n";
+                    for (depth, member) in chain.iter().enumerate() {
+                        out += &format!(
+                            "    [{}] {}: {}, virtual size {}\n",
+                            depth + 1,
+                            member.filename,
+                            member.format,
+                            size_line(member.virtual_size)
+                        );
+                    }
                 }
             }
         }
+    }
+    out
+}
+
+/// The snapshot table of `qemu-img info`, as `cowdisk snapshot -l` prints it.
+fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
+    let mut out = crate::snapshot::header_row() + "\n";
+    for s in snapshots {
+        out += &crate::snapshot::format_row(s);
+        out += "\n";
     }
     out
 }
@@ -312,9 +506,41 @@ fn encrypt_json(info: &ImageInfo) -> Option<Value> {
     })
 }
 
+/// The order in which `qemu-img info` prints the keys of a LUKS `encrypt` object (the
+/// order of QEMU's hash table, fixed by the key names); other keys follow.
+const QEMU_ENCRYPT_ORDER: &[&str] = &[
+    "ivgen-alg",
+    "detached-header",
+    "hash-alg",
+    "cipher-alg",
+    "uuid",
+    "ivgen-hash-alg",
+    "format",
+    "cipher-mode",
+    "slots",
+    "payload-offset",
+    "master-key-iters",
+];
+
+/// The `encrypt` object's entries in `qemu-img info`'s text order.
+fn qemu_encrypt_order(mut e: Map<String, Value>) -> Vec<(String, Value)> {
+    let mut ordered = Vec::new();
+    for key in QEMU_ENCRYPT_ORDER {
+        if let Some(v) = e.remove(*key) {
+            ordered.push((key.to_string(), v));
+        }
+    }
+    ordered.extend(e);
+    ordered
+}
+
 /// Writes a JSON object the way `qemu-img info` prints format-specific data: keys
 /// with spaces for dashes, lists of objects as `[i]:` entries.
-fn human_object(out: &mut String, obj: &Map<String, Value>, indent: usize) {
+fn human_object<'a>(
+    out: &mut String,
+    obj: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    indent: usize,
+) {
     let pad = " ".repeat(indent);
     for (key, value) in obj {
         let key = key.replace('-', " ");

@@ -156,9 +156,70 @@ impl<T> PathContext<T> for Result<T, cowdisk::Error> {
 }
 
 impl<T> Context<T> for std::io::Result<T> {
+    /// Prefixes the error with `what`, without Rust's ` (os error N)` suffix.
     fn context(self, what: impl FnOnce() -> String) -> CliResult<T> {
-        self.map_err(|e| CliError(format!("{}: {e}", what())))
+        self.map_err(|e| CliError(format!("{}: {}", what(), io_message(&e))))
     }
+}
+
+/// An I/O error's message without Rust's ` (os error N)` suffix.
+pub fn io_message(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
+    }
+}
+
+/// One line saying what is wrong with the command line: a negative size or offset
+/// (which clap takes for an unknown option) says so, a value that does not parse
+/// gives the parser's reason once, anything else clap's first line (without its
+/// usage and tips).
+fn usage_message(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let strings = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(v)) => v.clone(),
+        _ => Vec::new(),
+    };
+    let arg = strings(ContextKind::InvalidArg).into_iter().next();
+    match (e.kind(), arg.as_deref()) {
+        (ErrorKind::UnknownArgument, Some(a))
+            if a.starts_with('-') && a[1..].starts_with(|c: char| c.is_ascii_digit()) =>
+        {
+            // clap reports `-1` of `-1G`: name the whole word as typed.
+            let word = std::env::args()
+                .skip(1)
+                .find(|w| w.starts_with(a))
+                .unwrap_or_else(|| a.to_string());
+            return format!("invalid size '{word}': sizes cannot be negative");
+        }
+        (ErrorKind::ValueValidation, Some(a)) => {
+            if let Some(source) = std::error::Error::source(e) {
+                return format!("{a}: {source}");
+            }
+        }
+        (ErrorKind::MissingRequiredArgument, _) => {
+            return format!(
+                "missing required argument: {}",
+                strings(ContextKind::InvalidArg).join(", ")
+            );
+        }
+        (ErrorKind::InvalidValue, Some(a)) => {
+            let value = strings(ContextKind::InvalidValue).join("");
+            let valid = strings(ContextKind::ValidValue);
+            if !valid.is_empty() {
+                return format!(
+                    "invalid value '{value}' for '{a}' (possible values: {})",
+                    valid.join(", ")
+                );
+            }
+        }
+        _ => {}
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("invalid command line");
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
 }
 
 /// Parses the command line, runs the subcommand, and turns errors into `cowdisk: ...` on stderr with exit status 1.
@@ -181,8 +242,7 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::FAILURE;
             }
-            let text = e.render().to_string();
-            eprint!("cowdisk: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            eprintln!("cowdisk: {}", usage_message(&e));
             return ExitCode::FAILURE;
         }
     };

@@ -4,7 +4,7 @@
 
 use crate::{CliError, CliResult};
 use clap::Args;
-use cowdisk::{CompressionType, CreateOptions};
+use cowdisk::{CompressionType, CreateOptions, Preallocation};
 
 /// The `-f` option every subcommand accepts for qemu-img compatibility.
 #[derive(Debug, Args)]
@@ -51,6 +51,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad = |why: &str| format!("invalid size '{text}': {why}");
     if s.is_empty() {
         return Err(bad("empty"));
+    }
+    if s.starts_with('-') {
+        return Err(bad("sizes cannot be negative"));
     }
     if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -150,7 +153,10 @@ pub const CREATE_OPTIONS_HELP: &[(&str, &str)] = &[
         "Compression of compressed clusters: zlib or zstd",
     ),
     ("extended_l2", "Extended L2 entries: only off is supported"),
-    ("preallocation", "Preallocation mode: only off is supported"),
+    (
+        "preallocation",
+        "Preallocation mode: off, metadata, falloc or full",
+    ),
     (
         "encrypt.format",
         "Encrypt the image: luks, or aes (legacy, weak)",
@@ -191,6 +197,8 @@ pub struct OptionExtras {
     pub compat_given: bool,
     /// `-o help` (or `?`) was asked for.
     pub help: bool,
+    /// `preallocation=` was given explicitly (shown in the `Formatting` line).
+    pub preallocation_given: bool,
     /// `encrypt.format=` (luks or aes).
     pub encrypt_format: Option<String>,
     /// `encrypt.key-secret=`: the id of the `--object secret` with the passphrase.
@@ -346,9 +354,12 @@ pub fn apply_create_options(
             }
             "preallocation" => {
                 let v = need()?;
-                if v != "off" {
-                    return Err(format!("preallocation={v} is not supported (only off)"));
-                }
+                opts.preallocation = Preallocation::from_name(v).ok_or_else(|| {
+                    format!(
+                        "invalid preallocation mode '{v}' (expected off, metadata, falloc or full)"
+                    )
+                })?;
+                extras.preallocation_given = true;
             }
             _ => {
                 let known: Vec<&str> = CREATE_OPTIONS_HELP.iter().map(|(k, _)| *k).collect();
@@ -503,7 +514,15 @@ mod tests {
         assert!(apply("lazy_refcounts=maybe").is_err());
         assert!(apply("extended_l2=off,preallocation=off").is_ok());
         assert!(apply("extended_l2=on").is_err());
-        assert!(apply("preallocation=full").is_err());
+        assert_eq!(
+            apply("preallocation=full").unwrap().0.preallocation,
+            Preallocation::Full
+        );
+        assert_eq!(
+            apply("preallocation=metadata").unwrap().0.preallocation,
+            Preallocation::Metadata
+        );
+        assert!(apply("preallocation=sparse").is_err());
     }
 
     /// Errors name the offending option.

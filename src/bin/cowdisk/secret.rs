@@ -44,10 +44,12 @@ fn parse_object(text: &str) -> CliResult<SecretObject> {
             "id" => id = Some(value.to_string()),
             "data" => bytes = Some(value.as_bytes().to_vec()),
             "file" => {
-                bytes =
-                    Some(std::fs::read(value).map_err(|e| {
-                        CliError(format!("cannot read the secret file '{value}': {e}"))
-                    })?)
+                bytes = Some(std::fs::read(value).map_err(|e| {
+                    CliError(format!(
+                        "cannot read the secret file '{value}': {}",
+                        crate::io_message(&e)
+                    ))
+                })?)
             }
             "format" if value == "raw" => {}
             _ => {
@@ -104,8 +106,9 @@ impl SecretArgs {
             }
             let bytes = std::fs::read(file).map_err(|e| {
                 CliError(format!(
-                    "cannot read the secret file '{}': {e}",
-                    file.display()
+                    "cannot read the secret file '{}': {}",
+                    file.display(),
+                    crate::io_message(&e)
                 ))
             })?;
             return Ok(Some(Secret::new(bytes)));

@@ -68,8 +68,16 @@ fn format_date(sec: u32) -> String {
     )
 }
 
+/// The heading line of the listing.
+pub fn header_row() -> String {
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    )
+}
+
 /// One line of the listing, in qemu-img's columns.
-fn format_row(s: &SnapshotInfo) -> String {
+pub fn format_row(s: &SnapshotInfo) -> String {
     let icount = if s.icount < 0 {
         "--".to_string()
     } else {
@@ -102,10 +110,7 @@ pub fn run(args: SnapshotArgs) -> CliResult {
         let list = img.snapshots()?;
         if !list.is_empty() {
             println!("Snapshot list:");
-            println!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            );
+            println!("{}", header_row());
             for s in &list {
                 println!("{}", format_row(s));
             }
