@@ -12,6 +12,7 @@
 
 mod common;
 
+use common::dirty::{cowdisk_runs, Model};
 use common::*;
 use cowdisk::image::Extent;
 use cowdisk::{CompressionType, CreateOptions, Image, OpenOptions, SnapshotOptions};
@@ -305,6 +306,26 @@ fn run_config(cfg: &Config, seed: u64) {
     let mut size = cfg.size;
     let (mut compressed_ok, mut compressed_refused) = (0, 0);
     let mut snaps: Vec<Snap> = Vec::new();
+    // Persistent bitmaps (v3): a fine one, a coarse one, and one that starts disabled;
+    // each has a model of its dirty set, checked after every step and every reopen.
+    let mut bitmaps: Vec<(String, Model, bool)> = Vec::new();
+    if cfg.version == 3 {
+        for (name, g, enabled) in [
+            ("fine", 512, true),
+            ("coarse", 4 * cs, true),
+            ("off", cs, false),
+        ] {
+            img.bitmap_add(name, g, enabled).unwrap();
+            bitmaps.push((name.to_string(), Model::new(g, size), enabled));
+        }
+    }
+    let mark = |bitmaps: &mut Vec<(String, Model, bool)>, off: u64, len: u64| {
+        for (_, m, enabled) in bitmaps.iter_mut() {
+            if *enabled {
+                m.mark(off, len);
+            }
+        }
+    };
     for step in 0..cfg.ops {
         match rng.below(100) {
             0..=49 if cfg.compression.is_some() && rng.below(3) == 0 => {
@@ -320,6 +341,7 @@ fn run_config(cfg: &Config, seed: u64) {
                     Ok(()) => {
                         assert!(allowed, "step {step}: compressed write {len}@{off} over allocated clusters succeeded: {status:?}");
                         model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                        mark(&mut bitmaps, off, len);
                         compressed_ok += 1;
                     }
                     Err(e) => {
@@ -353,6 +375,7 @@ fn run_config(cfg: &Config, seed: u64) {
                 img.write_at(&data, off)
                     .unwrap_or_else(|e| panic!("step {step}: write {len}@{off}: {e}"));
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                mark(&mut bitmaps, off, len);
             }
             50..=57 => {
                 // Zeroes: aligned whole clusters or arbitrary pieces, maybe unmapping.
@@ -361,11 +384,13 @@ fn run_config(cfg: &Config, seed: u64) {
                 img.write_zeroes(off, len, unmap)
                     .unwrap_or_else(|e| panic!("step {step}: zeroes {len}@{off}: {e}"));
                 model[off as usize..(off + len) as usize].fill(0);
+                mark(&mut bitmaps, off, len);
             }
             58..=62 => {
                 let (off, len) = random_range(&mut rng, size, cs);
                 img.discard(off, len)
                     .unwrap_or_else(|e| panic!("step {step}: discard {len}@{off}: {e}"));
+                mark(&mut bitmaps, off, len);
                 // Whole clusters are released: zeros, or on v2 over a backing file the
                 // backing file's bytes. Partial clusters keep their contents.
                 let mut c = off.next_multiple_of(cs);
@@ -392,6 +417,7 @@ fn run_config(cfg: &Config, seed: u64) {
                     Ok(()) => {
                         model.resize(new_size as usize, 0);
                         size = new_size;
+                        bitmaps.iter_mut().for_each(|(_, m, _)| m.resize(new_size));
                     }
                     Err(e) => assert!(
                         !snaps.is_empty() && new_size < size && e.errno() == libc::ENOTSUP,
@@ -413,6 +439,21 @@ fn run_config(cfg: &Config, seed: u64) {
             90..=94 if cfg.compression.is_none() && rng.below(2) == 0 => {
                 snapshot_step(&img, &mut rng, &mut snaps, &mut model, step, cs, !encrypted);
                 size = model.len() as u64;
+                // A goto changes the data but not the bitmaps (QEMU's rule); a
+                // different snapshot size resizes them.
+                bitmaps.iter_mut().for_each(|(_, m, _)| m.resize(size));
+            }
+            90..=92 if !bitmaps.is_empty() => {
+                // Manage a bitmap: clear one, or flip one's tracking.
+                let i = rng.below(bitmaps.len() as u64) as usize;
+                let (name, m, enabled) = &mut bitmaps[i];
+                if rng.below(2) == 0 {
+                    img.bitmap_clear(name).unwrap();
+                    m.bits.fill(false);
+                } else {
+                    *enabled = !*enabled;
+                    img.bitmap_set_enabled(name, *enabled).unwrap();
+                }
             }
             90..=94 => img.flush().unwrap(),
             _ => {
@@ -420,6 +461,14 @@ fn run_config(cfg: &Config, seed: u64) {
                 img.close().unwrap();
                 img = Image::open(&img_path, &open_opts).unwrap();
             }
+        }
+        for (name, m, _) in &bitmaps {
+            assert_eq!(
+                cowdisk_runs(&img, name),
+                m.runs(),
+                "{}: step {step}: bitmap {name} differs from its model",
+                cfg.name
+            );
         }
     }
     if cfg.compression.is_some() {
@@ -440,6 +489,24 @@ fn run_config(cfg: &Config, seed: u64) {
     assert_clean(&img, &format!("{}: the end", cfg.name));
     img.close().unwrap();
     qemu_check_clean_enc(&img_path, encrypted);
+    if !bitmaps.is_empty() {
+        let ro = Image::open(
+            &img_path,
+            &OpenOptions {
+                read_only: true,
+                ..open_opts.clone()
+            },
+        )
+        .unwrap();
+        for (name, m, _) in &bitmaps {
+            assert_eq!(
+                cowdisk_runs(&ro, name),
+                m.runs(),
+                "{}: bitmap {name} after close",
+                cfg.name
+            );
+        }
+    }
     let model_path = s.path("model.raw");
     write_raw(&model_path, &model);
     qemu_compare_raw_enc(&img_path, &model_path, encrypted);

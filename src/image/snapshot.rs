@@ -347,6 +347,11 @@ impl Meta {
                 sn.disk_size
             ));
         }
+        let resized = sn.disk_size != self.header.size;
+        if resized {
+            // The disk changes size, and the bitmaps with it (as on resize).
+            self.check_bitmaps_resizable(sn.disk_size)?;
+        }
         let mut t = self.begin_txn()?;
         // The old active tree's references go first (so a cluster both trees reach
         // never counts past the width on the way).
@@ -374,10 +379,14 @@ impl Meta {
             active[j] = entry;
         }
         t.l1 = Some(active);
-        if sn.disk_size != self.header.size {
+        if resized {
             t.size = Some(sn.disk_size);
         }
-        self.commit_txn(t)
+        self.commit_txn(t)?;
+        if resized {
+            self.resized_bitmaps(sn.disk_size);
+        }
+        Ok(())
     }
 
     /// Deletes a snapshot (see [`Image::snapshot_delete`]) in one metadata

@@ -2,6 +2,8 @@
 //! wrappers around `qemu-img` / `qemu-io`, the reference implementation.
 #![allow(dead_code)]
 
+pub mod dirty;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
