@@ -258,6 +258,18 @@
 #define COWDISK_CONVERT_TARGET_NO_FLUSH 2048
 
 /**
+ * Carry the source's persistent dirty bitmaps into the qcow2 target (`--bitmaps`);
+ * an inconsistent one fails the convert before anything is copied.
+ */
+#define COWDISK_CONVERT_BITMAPS 4096
+
+/**
+ * With `COWDISK_CONVERT_BITMAPS`: leave inconsistent bitmaps out
+ * (`--skip-broken-bitmaps`).
+ */
+#define COWDISK_CONVERT_SKIP_BROKEN_BITMAPS 8192
+
+/**
  * A size difference is a difference (`qemu-img compare -s`).
  */
 #define COWDISK_COMPARE_STRICT 1

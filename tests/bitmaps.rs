@@ -616,3 +616,67 @@ fn crash_at_every_write_keeps_bitmaps_honest() {
         "some crash points leave consistent bitmaps"
     );
 }
+
+#[test]
+fn convert_carries_bitmaps_like_qemu_img() {
+    use cowdisk::convert::{convert, ConvertOptions};
+    let s = Scratch::new("bitmaps-convert");
+    let src = s.path("src.qcow2");
+    let p = src.to_str().unwrap();
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "32M"]);
+    qemu_bitmap_add(&src, "daily", 65536, true);
+    qemu_bitmap_add(&src, "fine", 512, true);
+    qemu_bitmap_add(&src, "frozen", 1 << 20, false);
+    qemu_io(&src, &["write -P 7 1M 3000", "write -P 8 20M 1M"]);
+    let ours = s.path("ours.qcow2");
+    let opts = ConvertOptions {
+        bitmaps: true,
+        ..ConvertOptions::default()
+    };
+    convert(&src, &ours, &opts, None).unwrap();
+    qemu_check_clean(&ours);
+    let theirs = s.path("theirs.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            p,
+            theirs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(qemu_bitmaps(&ours), qemu_bitmaps(&theirs));
+    for name in ["daily", "fine", "frozen"] {
+        assert_eq!(
+            qemu_runs(&ours, name, &s),
+            qemu_runs(&theirs, name, &s),
+            "{name} after convert --bitmaps"
+        );
+    }
+    // Without --bitmaps none are carried.
+    let plain = s.path("plain.qcow2");
+    convert(&src, &plain, &ConvertOptions::default(), None).unwrap();
+    assert!(qemu_bitmaps(&plain).is_empty());
+    // An inconsistent bitmap fails the convert, unless skipped.
+    let img = Image::open(&src, &OpenOptions::default()).unwrap();
+    let broken = s.path("broken.qcow2");
+    std::fs::copy(&src, &broken).unwrap();
+    img.close().unwrap();
+    let out = s.path("out.qcow2");
+    let err = convert(&broken, &out, &opts, None).unwrap_err().to_string();
+    assert!(err.contains("skip-broken-bitmaps"), "{err}");
+    assert!(
+        !out.exists(),
+        "nothing is created when the bitmaps cannot be copied"
+    );
+    let skip = ConvertOptions {
+        bitmaps: true,
+        skip_broken_bitmaps: true,
+        ..ConvertOptions::default()
+    };
+    convert(&broken, &out, &skip, None).unwrap();
+    qemu_check_clean(&out);
+    assert!(qemu_bitmaps(&out).is_empty());
+}

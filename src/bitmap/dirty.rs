@@ -176,7 +176,9 @@ impl DirtyBitmap {
                         let mut j = i + 1;
                         while j < per {
                             let wj = w[(j / 64) as usize];
-                            if j % 64 == 0 && (wj == 0 && !dirty || wj == u64::MAX && dirty) {
+                            if j.is_multiple_of(64)
+                                && (wj == 0 && !dirty || wj == u64::MAX && dirty)
+                            {
                                 j += 64;
                                 continue;
                             }
@@ -239,7 +241,7 @@ impl DirtyBitmap {
         let per = 1u64 << self.chunk_bits;
         let keep = nbits.div_ceil(per);
         self.chunks.retain(|&c, _| c < keep);
-        if nbits % per != 0 {
+        if !nbits.is_multiple_of(per) {
             let last = nbits / per;
             let words = self.words_per_chunk();
             if let Some(chunk) = self.chunks.get_mut(&last) {
@@ -304,7 +306,7 @@ impl DirtyBitmap {
         self.chunks.insert(index, chunk);
         // The last chunk keeps no bits past the size.
         let nbits = self.nbits();
-        if index == nbits / per && nbits % per != 0 {
+        if index == nbits / per && !nbits.is_multiple_of(per) {
             let size = self.size;
             self.resize(size);
         }
@@ -365,7 +367,7 @@ mod tests {
             seed % n
         };
         for &(g_bits, chunk) in &[(9u32, 512u64), (16, 512), (12, 4096)] {
-            let size = 3 * (chunk * 8 << g_bits) + 12345;
+            let size = 3 * ((chunk * 8) << g_bits) + 12345;
             let g = 1u64 << g_bits;
             let mut b = DirtyBitmap::new(g_bits, size, chunk);
             let mut model = vec![false; size.div_ceil(g) as usize];

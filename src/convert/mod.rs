@@ -8,6 +8,7 @@
 //! find, compress where asked, and write in guest order (or as soon as ready); the
 //! target is flushed once at the end.
 
+mod bitmaps;
 mod chain;
 mod compare;
 mod copy;
@@ -65,6 +66,12 @@ pub struct ConvertOptions {
     /// Zero runs of at least this many bytes are not written as data (`-S`; 0 = no
     /// zero detection: every byte is copied).
     pub min_sparse: u64,
+    /// Carry the source's persistent dirty bitmaps into the (qcow2) target
+    /// (`--bitmaps`).
+    pub bitmaps: bool,
+    /// With `bitmaps`: leave inconsistent bitmaps out instead of failing
+    /// (`--skip-broken-bitmaps`).
+    pub skip_broken_bitmaps: bool,
 }
 
 impl Default for ConvertOptions {
@@ -81,6 +88,8 @@ impl Default for ConvertOptions {
             out_of_order: false,
             workers: DEFAULT_WORKERS,
             min_sparse: DEFAULT_MIN_SPARSE,
+            bitmaps: false,
+            skip_broken_bitmaps: false,
         }
     }
 }
@@ -96,6 +105,16 @@ impl ConvertOptions {
         if self.compressed && self.target_format != Format::Qcow2 {
             return Err(Error::InvalidArgument(
                 "compression needs a qcow2 target".into(),
+            ));
+        }
+        if self.bitmaps && self.target_format != Format::Qcow2 {
+            return Err(Error::InvalidArgument(
+                "--bitmaps needs a qcow2 target".into(),
+            ));
+        }
+        if self.skip_broken_bitmaps && !self.bitmaps {
+            return Err(Error::InvalidArgument(
+                "--skip-broken-bitmaps is for --bitmaps only".into(),
             ));
         }
         if self.target_is_zero && !self.existing_target {
@@ -130,6 +149,7 @@ pub fn convert(
 ) -> Result<CopyReport> {
     opts.validate()?;
     let source = Arc::new(Source::open(src, &opts.source)?);
+    let carried = bitmaps::collect(&source, opts)?;
     if opts.existing_target {
         let spec = OpenSpec {
             format: Some(opts.target_format),
@@ -147,7 +167,7 @@ pub fn convert(
                 source.size()
             )));
         }
-        return copy_and_close(source, target, opts, progress).map_err(|e| {
+        return copy_and_close(source, target, opts, &carried, progress).map_err(|e| {
             e.with_note(&format!(
                 "the existing target '{}' keeps what was written before the failure",
                 dst.display()
@@ -160,7 +180,7 @@ pub fn convert(
             .map_err(|e| Error::io(format!("cannot replace '{}'", dst.display()), e))?;
     }
     let result = create_target(dst, source.size(), opts)
-        .and_then(|target| copy_and_close(source, target, opts, progress));
+        .and_then(|target| copy_and_close(source, target, opts, &carried, progress));
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
@@ -204,10 +224,14 @@ fn copy_and_close(
     source: Arc<Source>,
     target: Target,
     opts: &ConvertOptions,
+    carried: &bitmaps::Carried,
     progress: Option<&mut ProgressFn<'_>>,
 ) -> Result<CopyReport> {
     let target = Arc::new(target);
-    let report = copy_between(source, Arc::clone(&target), opts, progress);
+    let report = copy_between(source, Arc::clone(&target), opts, progress).and_then(|report| {
+        carried.store(&target)?;
+        Ok(report)
+    });
     let target = Arc::into_inner(target).ok_or_else(|| {
         Error::InvalidArgument("a copy worker still holds the target (a bug in cowdisk)".into())
     })?;

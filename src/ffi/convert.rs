@@ -45,6 +45,12 @@ pub const COWDISK_CONVERT_SOURCE_QCOW2: u32 = 1024;
 /// Never flush the target (`-t unsafe`, qemu-img convert's default): the copy is not
 /// durable when the call returns. Without it the target is flushed once at the end.
 pub const COWDISK_CONVERT_TARGET_NO_FLUSH: u32 = 2048;
+/// Carry the source's persistent dirty bitmaps into the qcow2 target (`--bitmaps`);
+/// an inconsistent one fails the convert before anything is copied.
+pub const COWDISK_CONVERT_BITMAPS: u32 = 4096;
+/// With `COWDISK_CONVERT_BITMAPS`: leave inconsistent bitmaps out
+/// (`--skip-broken-bitmaps`).
+pub const COWDISK_CONVERT_SKIP_BROKEN_BITMAPS: u32 = 8192;
 
 /// Options of `cowdisk_convert()`. Zero fields mean "default" (qemu-img's).
 #[repr(C)]
@@ -104,7 +110,7 @@ unsafe fn convert_options(
     let Some(c) = read_versioned(opts, "cowdisk_convert_opts")? else {
         return Ok((out, None, std::ptr::null_mut()));
     };
-    let known = COWDISK_CONVERT_TARGET_NO_FLUSH * 2 - 1;
+    let known = COWDISK_CONVERT_SKIP_BROKEN_BITMAPS * 2 - 1;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown convert flags {:#x}",
@@ -152,6 +158,8 @@ unsafe fn convert_options(
     out.target_no_flush = flag(COWDISK_CONVERT_TARGET_NO_FLUSH);
     out.compressed = flag(COWDISK_CONVERT_COMPRESSED);
     out.out_of_order = flag(COWDISK_CONVERT_OUT_OF_ORDER);
+    out.bitmaps = flag(COWDISK_CONVERT_BITMAPS);
+    out.skip_broken_bitmaps = flag(COWDISK_CONVERT_SKIP_BROKEN_BITMAPS);
     if c.workers != 0 {
         out.workers = c.workers as usize;
     }

@@ -83,7 +83,7 @@ impl BitmapsExtension {
                 ext.directory_size
             ));
         }
-        if ext.directory_offset == 0 || ext.directory_offset % cluster_size != 0 {
+        if ext.directory_offset == 0 || !ext.directory_offset.is_multiple_of(cluster_size) {
             return Err(corrupt!(
                 "bitmap directory at {:#x} is not at a cluster boundary",
                 ext.directory_offset
@@ -241,7 +241,7 @@ pub fn parse_directory(
                 "{what}: bitmap table of {table_size} entries (must be 1..{MAX_TABLE_SIZE})"
             ));
         }
-        if table_offset == 0 || table_offset % cluster_size != 0 {
+        if table_offset == 0 || !table_offset.is_multiple_of(cluster_size) {
             return Err(corrupt!(
                 "{what}: bitmap table at {table_offset:#x} is not at a cluster boundary"
             ));
@@ -334,7 +334,7 @@ pub fn decode_entry(
             TableEntry::Zeros
         });
     }
-    if raw & ENTRY_ALL_ONES != 0 || offset % cluster_size != 0 {
+    if raw & ENTRY_ALL_ONES != 0 || !offset.is_multiple_of(cluster_size) {
         return Err(corrupt!(
             "bitmap table entry {index} ({raw:#x}) is not a cluster-aligned data offset"
         ));

@@ -159,6 +159,12 @@ pub struct ConvertArgs {
     /// Open the source even while another process writes it.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy the source's persistent dirty bitmaps into the (qcow2) target.
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: leave out inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps", requires = "bitmaps")]
+    skip_broken_bitmaps: bool,
     #[command(flatten)]
     progress: ProgressArgs,
     /// The source image.
@@ -211,6 +217,8 @@ pub fn run_convert(args: ConvertArgs) -> CliResult {
         out_of_order: args.out_of_order,
         workers: args.workers,
         min_sparse,
+        bitmaps: args.bitmaps,
+        skip_broken_bitmaps: args.skip_broken_bitmaps,
     };
     let mut reporter = Reporter::new(&args.progress);
     let mut update = |d, t| reporter.update(d, t);
