@@ -325,6 +325,15 @@ fn bitmap_operations_round_trip_through_qemu() {
             (30 << 20, 64 << 10)
         ])
     );
+    // Bitmaps of a disk of another size are not merged, as with qemu-img.
+    let small = dir.path("small.qcow2");
+    ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &small, "8M"]);
+    ok_tool("qemu-img", &["bitmap", "--add", &small, "s"]);
+    assert_eq!(
+        fails(&["bitmap", "--merge", "s", "-b", &small, &img, "b0"]),
+        "cowdisk: operation merge on bitmap 'b0' failed: bitmaps are of different sizes \
+         (destination size is 67108864, source size is 8388608) and can't be merged"
+    );
     // The source is left as it was.
     assert_eq!(
         runs_agree(&other, "src", nbd),

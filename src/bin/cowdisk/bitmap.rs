@@ -208,17 +208,34 @@ pub fn run(args: BitmapArgs, matches: Option<&ArgMatches>) -> CliResult {
     let mut failure = None;
     for op in &ops {
         let result = match op {
-            Op::Add => img.bitmap_add(name, args.granularity.unwrap_or(0), true),
-            Op::Remove => img.bitmap_remove(name),
-            Op::Clear => img.bitmap_clear(name),
-            Op::Enable => img.bitmap_set_enabled(name, true),
-            Op::Disable => img.bitmap_set_enabled(name, false),
+            Op::Add => img
+                .bitmap_add(name, args.granularity.unwrap_or(0), true)
+                .map_err(|e| e.to_string()),
+            Op::Remove => img.bitmap_remove(name).map_err(|e| e.to_string()),
+            Op::Clear => img.bitmap_clear(name).map_err(|e| e.to_string()),
+            Op::Enable => img
+                .bitmap_set_enabled(name, true)
+                .map_err(|e| e.to_string()),
+            Op::Disable => img
+                .bitmap_set_enabled(name, false)
+                .map_err(|e| e.to_string()),
             Op::Merge(from) => {
                 let contents = match &source {
                     Some((_, src)) => src.bitmap_contents(from),
                     None => img.bitmap_contents(from),
                 };
-                contents.and_then(|c| img.bitmap_merge(name, &c))
+                contents.map_err(|e| e.to_string()).and_then(|c| {
+                    // qemu-img refuses to merge bitmaps of different sizes.
+                    let size = img.size();
+                    if c.size() != size {
+                        return Err(format!(
+                            "bitmaps are of different sizes (destination size is {size}, \
+                             source size is {}) and can't be merged",
+                            c.size()
+                        ));
+                    }
+                    img.bitmap_merge(name, &c).map_err(|e| e.to_string())
+                })
             }
         };
         if let Err(e) = result {
