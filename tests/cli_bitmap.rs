@@ -556,3 +556,41 @@ fn bitmaps_of_an_encrypted_image() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A bitmap left in use by a killed QEMU cannot be used (its bits are unknown), only
+/// removed, as with qemu-img.
+#[test]
+fn an_inconsistent_bitmap_can_only_be_removed() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("inuse");
+    let img = dir.path("u.qcow2");
+    ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
+    ok_tool("qemu-img", &["bitmap", "--add", &img, "a"]);
+    ok_tool("qemu-img", &["bitmap", "--add", &img, "keep"]);
+    let _ = run(
+        "qemu-io",
+        &["-c", "write 0 64k", "-c", "abort", "-f", "qcow2", &img],
+    );
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            listed("a", 65536, &["in-use", "auto"]),
+            listed("keep", 65536, &["in-use", "auto"])
+        ]
+    );
+    for op in ["--clear", "--disable", "--enable"] {
+        let err = fails(&["bitmap", op, &img, "a"]);
+        assert!(err.contains("inconsistent"), "{err}");
+    }
+    assert!(fails(&["bitmap", "--dirty", &img, "a"]).contains("inconsistent"));
+    let err = fails(&["bitmap", "--merge", "a", &img, "keep"]);
+    assert!(err.contains("inconsistent"), "{err}");
+    ok(&["bitmap", "--remove", &img, "a"]);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![listed("keep", 65536, &["in-use", "auto"])]
+    );
+    check_clean(&img);
+}
