@@ -459,3 +459,120 @@ fn info_json_matches_qemu_img_key_by_key() {
         "cowdisk: could not open backing file 'gone.qcow2' of 'orphan.qcow2': No such file or directory\n"
     );
 }
+
+/// Persistent dirty bitmaps: made by qemu-img and dirtied by qemu-io, made by cowdisk,
+/// left in use by a killed writer, all removed again. qemu-img and cowdisk list the
+/// same bitmaps, in JSON and in text.
+#[test]
+fn info_lists_bitmaps_as_qemu_img() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img or qemu-io not found; skipping");
+        return;
+    }
+    let tmp = TempDir::new("bitmaps");
+    let dir = tmp.0.as_path();
+    let qemu = |args: &[&str]| ok_in(dir, "qemu-img", args);
+
+    // Made by qemu-img: one enabled, one disabled, one of granularity 512; written.
+    qemu(&["create", "-q", "-f", "qcow2", "qemu.qcow2", "64M"]);
+    qemu(&["bitmap", "--add", "qemu.qcow2", "on"]);
+    qemu(&["bitmap", "--add", "--disable", "qemu.qcow2", "off"]);
+    qemu(&["bitmap", "--add", "-g", "512", "qemu.qcow2", "fine"]);
+    ok_in(
+        dir,
+        "qemu-io",
+        &["-c", "write 0 100k", "-c", "write 7M 1k", "qemu.qcow2"],
+    );
+    // Made by cowdisk and written by it.
+    ok_in(dir, COWDISK, &["create", "-q", "ours.qcow2", "16M"]);
+    ok_in(dir, COWDISK, &["bitmap", "--add", "ours.qcow2", "mine"]);
+    ok_in(
+        dir,
+        COWDISK,
+        &[
+            "bitmap",
+            "--add",
+            "--disable",
+            "-g",
+            "1M",
+            "ours.qcow2",
+            "coarse",
+        ],
+    );
+    ok_in(
+        dir,
+        COWDISK,
+        &["write", "-P", "0x11", "ours.qcow2", "1M", "300k"],
+    );
+    // Left in use by QEMU: the writer aborts without storing its bitmaps.
+    qemu(&["create", "-q", "-f", "qcow2", "qemu-inuse.qcow2", "8M"]);
+    qemu(&["bitmap", "--add", "qemu-inuse.qcow2", "a"]);
+    qemu(&["bitmap", "--add", "--disable", "qemu-inuse.qcow2", "d"]);
+    let _ = run_in(
+        dir,
+        "qemu-io",
+        &["-c", "write 0 64k", "-c", "abort", "qemu-inuse.qcow2"],
+    );
+    // Every bitmap removed again: qemu-img leaves the key out.
+    qemu(&["create", "-q", "-f", "qcow2", "none.qcow2", "8M"]);
+    ok_in(dir, COWDISK, &["bitmap", "--add", "none.qcow2", "x"]);
+    ok_in(dir, COWDISK, &["bitmap", "--remove", "none.qcow2", "x"]);
+
+    for image in ["qemu.qcow2", "ours.qcow2", "qemu-inuse.qcow2", "none.qcow2"] {
+        assert_info_agrees(dir, image, &[]);
+        assert_info_agrees(dir, image, &["-U"]);
+        assert_text_agrees(dir, image, &[]);
+    }
+    let info = |image: &str| -> Value {
+        serde_json::from_str(&ok_in(dir, COWDISK, &["info", "--output=json", image])).unwrap()
+    };
+    let q = info("qemu.qcow2");
+    let bitmaps = &q["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bitmaps[1]["flags"], serde_json::json!([]), "{q:#}");
+    assert_eq!(bitmaps[2]["granularity"], 512, "{q:#}");
+    // The dirty byte counts are cowdisk's own, in its extension object.
+    assert_eq!(
+        q["cowdisk"]["bitmaps"][0]["dirty-bytes"],
+        3 * 65536,
+        "{q:#}"
+    );
+    assert_eq!(q["cowdisk"]["bitmaps"][2]["dirty-bytes"], 100 * 1024 + 1024);
+    let inuse = info("qemu-inuse.qcow2");
+    assert_eq!(
+        inuse["format-specific"]["data"]["bitmaps"][0]["flags"],
+        serde_json::json!(["in-use", "auto"]),
+        "{inuse:#}"
+    );
+    let none = info("none.qcow2");
+    assert!(
+        none["format-specific"]["data"].get("bitmaps").is_none(),
+        "{none:#}"
+    );
+
+    // Left in use by cowdisk: opened read-write through the library (which marks
+    // the bitmaps in use on disk) and never closed. The image stays locked by this
+    // process, so both tools read it with -U.
+    let path = dir.join("ours-inuse.qcow2");
+    ok_in(dir, COWDISK, &["create", "-q", "ours-inuse.qcow2", "8M"]);
+    ok_in(
+        dir,
+        COWDISK,
+        &["bitmap", "--add", "ours-inuse.qcow2", "live"],
+    );
+    let image = cowdisk::Image::open(&path, &cowdisk::OpenOptions::default()).unwrap();
+    image.write_at(&[1u8; 4096], 0).unwrap();
+    std::mem::forget(image);
+    assert_info_agrees(dir, "ours-inuse.qcow2", &["-U"]);
+    assert_text_agrees(dir, "ours-inuse.qcow2", &["-U"]);
+    let live = serde_json::from_str::<Value>(&ok_in(
+        dir,
+        COWDISK,
+        &["info", "--output=json", "-U", "ours-inuse.qcow2"],
+    ))
+    .unwrap();
+    assert_eq!(
+        live["format-specific"]["data"]["bitmaps"][0]["flags"],
+        serde_json::json!(["in-use", "auto"]),
+        "{live:#}"
+    );
+}

@@ -5,6 +5,7 @@ use crate::parse::FormatArg;
 use crate::{io_message, CliError, CliResult, Context, PathContext};
 use clap::{Args, ValueEnum};
 use cowdisk::image::BackingInfo;
+use cowdisk::image::BitmapInfo;
 use cowdisk::{EncryptionInfo, Image, ImageInfo, OpenOptions, SnapshotInfo};
 use serde_json::{json, Map, Value};
 use std::io::Read;
@@ -52,6 +53,9 @@ enum Entry {
         info: Box<ImageInfo>,
         /// The internal snapshots, in table order.
         snapshots: Vec<SnapshotInfo>,
+        /// The persistent dirty bitmaps, in directory order, or why they could not
+        /// be read.
+        bitmaps: Result<Vec<BitmapInfo>, String>,
         /// The image file on the host.
         file: HostFile,
         /// The backing file name resolved against the image's folder, as qemu-img's
@@ -96,12 +100,15 @@ impl HostFile {
 /// The most backing files `--backing-chain` walks (a loop guard).
 const MAX_CHAIN: usize = 64;
 
-/// Opens one image read-only and collects its facts and snapshots.
-fn open_info(
-    path: &Path,
-    follow_backing: bool,
-    share: bool,
-) -> CliResult<(ImageInfo, Vec<SnapshotInfo>)> {
+/// What [`open_info`] collects: the facts, the snapshots and the bitmaps.
+type Facts = (
+    ImageInfo,
+    Vec<SnapshotInfo>,
+    Result<Vec<BitmapInfo>, String>,
+);
+
+/// Opens one image read-only and collects its facts, snapshots and bitmaps.
+fn open_info(path: &Path, follow_backing: bool, share: bool) -> CliResult<Facts> {
     let options = OpenOptions {
         read_only: true,
         follow_backing,
@@ -114,10 +121,11 @@ fn open_info(
     let snapshots = image
         .snapshots()
         .path_context("read the snapshots of", path)?;
+    let bitmaps = image.bitmaps().map_err(|e| e.to_string());
     image
         .close()
         .context(|| format!("could not close '{}'", path.display()))?;
-    Ok((info, snapshots))
+    Ok((info, snapshots, bitmaps))
 }
 
 /// qemu-img's `full-backing-filename`: a relative backing name joined to the folder
@@ -160,10 +168,10 @@ fn backing_format(path: &Path, stored: Option<&str>) -> CliResult<String> {
 /// the `cowdisk` extension object; an image whose backing file cannot be opened is
 /// still shown, as qemu-img does.
 fn qcow2_entry(path: &Path, share: bool) -> CliResult<Entry> {
-    let (info, snapshots) = open_info(path, false, share)?;
+    let (info, snapshots, bitmaps) = open_info(path, false, share)?;
     let chain = if info.backing_file.is_some() {
         open_info(path, true, share)
-            .map(|(i, _)| i.backing_chain)
+            .map(|(i, _, _)| i.backing_chain)
             .map_err(|e| e.0)
     } else {
         Ok(Vec::new())
@@ -177,6 +185,7 @@ fn qcow2_entry(path: &Path, share: bool) -> CliResult<Entry> {
         file: HostFile::stat(path),
         info: Box::new(info),
         snapshots,
+        bitmaps,
         full_backing,
         chain,
     })
@@ -318,6 +327,7 @@ fn entry_json(entry: &Entry) -> Value {
             filename,
             info,
             snapshots,
+            bitmaps,
             file,
             full_backing,
             chain,
@@ -330,6 +340,9 @@ fn entry_json(entry: &Entry) -> Value {
             );
             if info.version >= 3 {
                 data.insert("lazy-refcounts".into(), json!(info.lazy_refcounts));
+            }
+            if let Some(list) = bitmaps_json(bitmaps) {
+                data.insert("bitmaps".into(), list);
             }
             data.insert("refcount-bits".into(), json!(info.refcount_bits));
             if let Some(e) = encrypt_json(info) {
@@ -386,6 +399,27 @@ fn entry_json(entry: &Entry) -> Value {
                     ours.insert("backing-chain-error".into(), json!(why));
                 }
             }
+            match bitmaps {
+                Ok(list) if !list.is_empty() => {
+                    let ours_list: Vec<Value> = list
+                        .iter()
+                        .map(|b| {
+                            let mut o = Map::new();
+                            o.insert("name".into(), json!(b.name));
+                            o.insert("inconsistent".into(), json!(b.inconsistent));
+                            if !b.inconsistent {
+                                o.insert("dirty-bytes".into(), json!(b.dirty_bytes));
+                            }
+                            Value::Object(o)
+                        })
+                        .collect();
+                    ours.insert("bitmaps".into(), Value::Array(ours_list));
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    ours.insert("bitmaps-error".into(), json!(why));
+                }
+            }
             obj.insert("cowdisk".into(), Value::Object(ours));
             Value::Object(obj)
         }
@@ -419,6 +453,7 @@ fn entry_human(entry: &Entry) -> String {
             filename,
             info,
             snapshots,
+            bitmaps,
             file,
             full_backing,
             chain,
@@ -458,6 +493,18 @@ fn entry_human(entry: &Entry) -> String {
             if info.version >= 3 {
                 out += &format!("    lazy refcounts: {}\n", info.lazy_refcounts);
             }
+            if let Some(Value::Array(list)) = bitmaps_json(bitmaps) {
+                out += "    bitmaps:\n";
+                for (i, b) in list.iter().enumerate() {
+                    out += &format!("        [{i}]:\n");
+                    out += "            flags:\n";
+                    for (j, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
+                        out += &format!("                [{j}]: {}\n", f.as_str().unwrap_or(""));
+                    }
+                    out += &format!("            name: {}\n", b["name"].as_str().unwrap_or(""));
+                    out += &format!("            granularity: {}\n", b["granularity"]);
+                }
+            }
             out += &format!("    refcount bits: {}\n", info.refcount_bits);
             if let Some(Value::Object(e)) = encrypt_json(info) {
                 out += "    encrypt:\n";
@@ -486,6 +533,27 @@ fn entry_human(entry: &Entry) -> String {
         }
     }
     out
+}
+
+/// `format-specific.data.bitmaps` as `qemu-img info` shows it: flags (`in-use`
+/// before `auto`), name and granularity of each bitmap; `None` (the key left out)
+/// when there are none or they could not be read.
+fn bitmaps_json(bitmaps: &Result<Vec<BitmapInfo>, String>) -> Option<Value> {
+    let list = bitmaps.as_ref().ok().filter(|l| !l.is_empty())?;
+    Some(Value::Array(
+        list.iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                if b.inconsistent {
+                    flags.push("in-use");
+                }
+                if b.enabled {
+                    flags.push("auto");
+                }
+                json!({ "flags": flags, "name": b.name, "granularity": b.granularity })
+            })
+            .collect(),
+    ))
 }
 
 /// The snapshot table of `qemu-img info`, as `cowdisk snapshot -l` prints it.

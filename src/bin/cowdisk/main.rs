@@ -8,6 +8,8 @@
 mod amend;
 /// `cowdisk bench`, `bench-compress` and `bench-vmstate`.
 mod bench;
+/// `cowdisk bitmap`.
+mod bitmap;
 /// `cowdisk map`, `zero`, `discard` and `resize`.
 mod blocks;
 /// `cowdisk check`.
@@ -29,7 +31,7 @@ mod secret;
 /// `cowdisk snapshot`.
 mod snapshot;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::fmt;
 use std::process::ExitCode;
 
@@ -72,6 +74,9 @@ enum Command {
     /// Check an image's metadata and repair it (like `qemu-img check`; exit 0 clean,
     /// 1 check not completed, 2 corruptions, 3 leaks only).
     Check(check::CheckArgs),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (like
+    /// `qemu-img bitmap`), or print a bitmap's dirty runs (`--dirty`, cowdisk's own).
+    Bitmap(bitmap::BitmapArgs),
     /// Change an image's version, lazy refcounts or refcount width in place (like
     /// `qemu-img amend`).
     Amend(amend::AmendArgs),
@@ -229,8 +234,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // The matches are kept for `bitmap`, whose operations run in command-line order.
+    let parsed = Cli::command().try_get_matches().and_then(|m| {
+        Cli::from_arg_matches(&m)
+            .map(|cli| (cli, m))
+            .map_err(|e| e.format(&mut Cli::command()))
+    });
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // Help and --version go to stdout with status 0; usage errors are
             // reported like every other error, `cowdisk: ...`, and exit 1.
@@ -260,6 +271,7 @@ fn main() -> ExitCode {
         Command::BenchVmstate(args) => bench::run_vmstate(args),
         Command::Snapshot(args) => snapshot::run(args),
         Command::Amend(args) => amend::run(args),
+        Command::Bitmap(args) => bitmap::run(args, matches.subcommand_matches("bitmap")),
         Command::Convert(args) => copy::run_convert(args),
         Command::Measure(args) => copy::run_measure(args),
         Command::Commit(args) => copy::run_commit(args),
