@@ -672,9 +672,17 @@ impl Image {
     }
 
     /// Sets in bitmap `name` every bit `source` has set (any granularity), like
-    /// `qemu-img bitmap --merge`.
+    /// `qemu-img bitmap --merge`; both must cover disks of the same size, as QEMU
+    /// requires.
     pub fn bitmap_merge(&self, name: &str, source: &DirtyBitmap) -> Result<()> {
         self.modify("merging a bitmap", |meta| {
+            let size = meta.header.size;
+            if source.size() != size {
+                return Err(invalid!(
+                    "bitmaps of disks of different sizes ({} and {size} bytes) cannot be merged",
+                    source.size()
+                ));
+            }
             let b = meta.usable_bitmap(name)?;
             b.dirty.merge(source);
             b.changed = true;
