@@ -987,8 +987,9 @@ int cowdisk_block_status(struct cowdisk *img,
  *
  * Errors: `-EINVAL` for a NULL `count`, a NULL `out` with `max > 0` or a bad
  * `struct_size`; `-ENOTSUP` when the image's bitmaps could not be read (a read-only
- * open of an image with a damaged or unknown bitmap directory, or one opened with
- * `COWDISK_OPEN_DROP_BITMAPS`; the message says why). Thread-safe.
+ * or `COWDISK_OPEN_CHECK` open of an image with a damaged or unknown bitmap
+ * directory; the message says why; a read-write open with `COWDISK_OPEN_DROP_BITMAPS`
+ * gives such bitmaps up and lists none). Thread-safe.
  *
  * # Safety
  * `img` must be a live handle; `count` a valid pointer; `out` valid for `max`
