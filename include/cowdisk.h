@@ -92,6 +92,14 @@
 #define COWDISK_OPEN_METADATA_ONLY 256
 
 /**
+ * Read-write opens of an image whose persistent dirty bitmaps cannot be kept (an
+ * unknown bitmap type or flag, a damaged bitmap directory): open anyway and give the
+ * bitmaps up, as a program without bitmap support would (their clusters leak until
+ * `cowdisk_check()` repairs leaks). Without it such an open fails with the reason.
+ */
+#define COWDISK_OPEN_DROP_BITMAPS 512
+
+/**
  * `cowdisk_create_opts.encrypt_format` and `cowdisk_info.encrypt_format`: not
  * encrypted.
  */
@@ -185,6 +193,30 @@
  * `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
  */
 #define COWDISK_EXTENT_OFFSET_VALID 16
+
+/**
+ * `cowdisk_extent.flags`, from `cowdisk_bitmap_extents()` only: the bytes changed
+ * since the bitmap was added or cleared (a clean run has flags 0).
+ */
+#define COWDISK_EXTENT_DIRTY 32
+
+/**
+ * `cowdisk_bitmap_info.flags`: writes set the bitmap's bits (QEMU's `auto` flag).
+ */
+#define COWDISK_BITMAP_ENABLED 1
+
+/**
+ * `cowdisk_bitmap_info.flags`: the bitmap was marked in use when the image was opened
+ * (a crash, or another program has the image open): its bits cannot be trusted, it is
+ * kept as it is on disk, and it can only be removed.
+ */
+#define COWDISK_BITMAP_INCONSISTENT 2
+
+/**
+ * `cowdisk_bitmap_add` flag: create the bitmap disabled (writes do not set its bits
+ * until `cowdisk_bitmap_enable()`), like `qemu-img bitmap --add --disable`.
+ */
+#define COWDISK_BITMAP_ADD_DISABLED 1
 
 /**
  * Repair leaked clusters (`cowdisk_check` flags; `qemu-img check -r leaks`).
@@ -499,7 +531,8 @@ typedef struct cowdisk_info {
 } cowdisk_info;
 
 /**
- * One run of guest bytes with the same status, filled by `cowdisk_block_status()`.
+ * One run of guest bytes with the same status, filled by `cowdisk_block_status()`
+ * (and by `cowdisk_bitmap_extents()`: dirty or clean).
  */
 typedef struct cowdisk_extent {
   /**
@@ -523,6 +556,32 @@ typedef struct cowdisk_extent {
    */
   uint32_t depth;
 } cowdisk_extent;
+
+/**
+ * One persistent dirty bitmap, filled by [`cowdisk_bitmap_list`].
+ */
+typedef struct cowdisk_bitmap_info {
+  /**
+   * Set by the caller (in the first array element) to `sizeof(cowdisk_bitmap_info)`.
+   */
+  uint32_t struct_size;
+  /**
+   * `COWDISK_BITMAP_ENABLED`, `COWDISK_BITMAP_INCONSISTENT`.
+   */
+  uint32_t flags;
+  /**
+   * Bytes of guest data one bit covers.
+   */
+  uint64_t granularity;
+  /**
+   * Bytes covered by set bits (0 for an inconsistent bitmap, whose bits are not read).
+   */
+  uint64_t dirty_bytes;
+  /**
+   * Name, unique in the image, NUL-terminated (names are at most 1023 bytes).
+   */
+  char name[1024];
+} cowdisk_bitmap_info;
 
 /**
  * What `cowdisk_check()` found, with `qemu-img check`'s meaning of each count.
@@ -928,6 +987,137 @@ int cowdisk_block_status(struct cowdisk *img,
                          struct cowdisk_extent *extents,
                          size_t max_extents,
                          size_t *count);
+
+/**
+ * Lists the image's persistent dirty bitmaps in directory order.
+ *
+ * `*count` receives the number of bitmaps the image has; the first `min(max, *count)`
+ * of them are written to `out`. When `*count > max`, call again with a larger array
+ * (a first call with `max = 0` and `out = NULL` gives the number). The caller sets
+ * `out[0].struct_size` to `sizeof(cowdisk_bitmap_info)`: it is the array's element
+ * size, and only that many bytes of each element are written.
+ *
+ * Errors: `-EINVAL` for a NULL `count`, a NULL `out` with `max > 0` or a bad
+ * `struct_size`; `-ENOTSUP` when the image's bitmaps could not be read (a read-only
+ * or `COWDISK_OPEN_CHECK` open of an image with a damaged or unknown bitmap
+ * directory; the message says why; a read-write open with `COWDISK_OPEN_DROP_BITMAPS`
+ * gives such bitmaps up and lists none). Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `count` a valid pointer; `out` valid for `max`
+ * elements of `out[0].struct_size` bytes.
+ */
+int cowdisk_bitmap_list(struct cowdisk *img,
+                        struct cowdisk_bitmap_info *out,
+                        size_t max,
+                        size_t *count);
+
+/**
+ * Adds an empty persistent dirty bitmap `name` (1 to 1023 bytes of UTF-8, unique in
+ * the image), like `qemu-img bitmap --add`.
+ *
+ * `granularity` is the number of bytes one bit covers: a power of two from 512 bytes
+ * to 2 GiB, or 0 for QEMU's default (the cluster size, within 4 KiB..64 KiB). The
+ * bitmap tracks writes from now on unless `flags` has `COWDISK_BITMAP_ADD_DISABLED`.
+ * It is stored in the image when the handle is closed.
+ *
+ * Errors: `-EINVAL` for a NULL, empty, too long or already used name, a bad
+ * granularity (or one that would make the bitmap too large) or unknown flags;
+ * `-EROFS` read-only; `-ENOTSUP` for a version 2 image or an image whose bitmaps
+ * could not be read. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `name` a valid NUL-terminated string.
+ */
+int cowdisk_bitmap_add(struct cowdisk *img, const char *name, uint64_t granularity, uint32_t flags);
+
+/**
+ * Removes the bitmap `name` (an inconsistent one too), like `qemu-img bitmap
+ * --remove`. Its clusters are freed when the handle is closed.
+ *
+ * Errors: `-EINVAL` for a NULL name, `-ENOENT` when there is no such bitmap,
+ * `-EROFS` read-only, `-ENOTSUP` when the image's bitmaps could not be read.
+ * Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `name` a valid NUL-terminated string.
+ */
+int cowdisk_bitmap_remove(struct cowdisk *img, const char *name);
+
+/**
+ * Clears every bit of the bitmap `name` (a new checkpoint starts), like `qemu-img
+ * bitmap --clear`.
+ *
+ * Errors: `-EINVAL` for a NULL name, `-ENOENT` when there is no such bitmap,
+ * `-EROFS` read-only, `-ENOTSUP` for an inconsistent bitmap or when the image's
+ * bitmaps could not be read. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `name` a valid NUL-terminated string.
+ */
+int cowdisk_bitmap_clear(struct cowdisk *img, const char *name);
+
+/**
+ * Makes the bitmap `name` track writes (`enabled` non-zero, `qemu-img bitmap
+ * --enable`) or stop tracking them (`enabled` 0, `--disable`).
+ *
+ * Errors: `-EINVAL` for a NULL name, `-ENOENT` when there is no such bitmap,
+ * `-EROFS` read-only, `-ENOTSUP` for an inconsistent bitmap or when the image's
+ * bitmaps could not be read. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `name` a valid NUL-terminated string.
+ */
+int cowdisk_bitmap_enable(struct cowdisk *img, const char *name, int enabled);
+
+/**
+ * Sets in the bitmap `name` of `img` every bit that the bitmap `src_name` of
+ * `src_img` has set, like `qemu-img bitmap --merge SRC [-b SRC_IMAGE]`. `src_img`
+ * NULL means `img`; the two bitmaps may have different granularities (and the images
+ * different sizes: bits past the end of `img` are ignored). The source is read before
+ * the target is changed, so `src_img` is only read.
+ *
+ * Errors: `-EINVAL` for a NULL name, `-ENOENT` when either bitmap does not exist,
+ * `-EROFS` when `img` is read-only, `-ENOTSUP` for an inconsistent bitmap or an
+ * image whose bitmaps could not be read. Thread-safe (on both handles).
+ *
+ * # Safety
+ * `img` must be a live handle, `src_img` NULL or a live handle; `name` and `src_name`
+ * valid NUL-terminated strings.
+ */
+int cowdisk_bitmap_merge(struct cowdisk *img,
+                         const char *name,
+                         struct cowdisk *src_img,
+                         const char *src_name);
+
+/**
+ * Describes guest `[offset, offset+len)` (clamped to the virtual size) as the dirty
+ * and clean runs of the bitmap `name`: what changed since the bitmap was added (or
+ * last cleared), for an incremental backup that copies only that.
+ *
+ * Same calling convention as `cowdisk_block_status()`: writes at most `max_extents`
+ * extents to `extents` and their number to `*count`. Each has `start` and `length`
+ * (multiples of the granularity, except at the ends of the range), `flags`
+ * `COWDISK_EXTENT_DIRTY` for a dirty run and 0 for a clean one, `offset` and `depth`
+ * 0. Extents are contiguous and alternate between dirty and clean; when they end
+ * before `offset + len`, call again from the end of the last one. `*count` is 0 only
+ * when `offset` is the virtual size or `len` is 0.
+ *
+ * Errors: `-EINVAL` for NULL pointers, `max_extents == 0` or `offset` past the end;
+ * `-ENOENT` when there is no such bitmap; `-ENOTSUP` for an inconsistent bitmap or
+ * when the image's bitmaps could not be read. Thread-safe.
+ *
+ * # Safety
+ * `img` must be a live handle; `name` a valid NUL-terminated string; `extents` valid
+ * for `max_extents` elements; `count` a valid pointer.
+ */
+int cowdisk_bitmap_extents(struct cowdisk *img,
+                           const char *name,
+                           uint64_t offset,
+                           uint64_t len,
+                           struct cowdisk_extent *extents,
+                           size_t max_extents,
+                           size_t *count);
 
 /**
  * Checks the image's metadata as `qemu-img check` does and, with

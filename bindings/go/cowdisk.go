@@ -300,6 +300,12 @@ type OpenOptions struct {
 	// disk as that snapshot recorded it, its contents and size, like qemu-img
 	// convert -l; syscall.ENOENT when the image has no such snapshot.
 	Snapshot string
+	// DropBitmaps lets a read-write open go on when the image's persistent dirty
+	// bitmaps cannot be kept (an unknown bitmap type or flag, a damaged bitmap
+	// directory): they are given up, as a program without bitmap support would
+	// (their clusters leak until Check repairs leaks). Without it such an open
+	// fails and says why. Readable bitmaps are kept either way.
+	DropBitmaps bool
 }
 
 // Image is an open qcow2 image. It is safe for concurrent use by multiple
@@ -366,6 +372,9 @@ func Open(path string, opts *OpenOptions) (*Image, error) {
 		}
 		if opts.MetadataOnly {
 			co.flags |= C.COWDISK_OPEN_METADATA_ONLY
+		}
+		if opts.DropBitmaps {
+			co.flags |= C.COWDISK_OPEN_DROP_BITMAPS
 		}
 		var strs cStrings
 		defer strs.free()

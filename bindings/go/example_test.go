@@ -64,3 +64,39 @@ func ExampleConvert() {
 	identical, at, err := cowdisk.Compare("disk.qcow2", "disk-compressed.qcow2", nil)
 	fmt.Println(identical, at, err)
 }
+
+func ExampleImage_DirtyExtents() {
+	dir, err := os.MkdirTemp("", "cowdisk-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	path := dir + "/disk.qcow2"
+	if err := cowdisk.Create(path, 16<<20, nil); err != nil {
+		log.Fatal(err)
+	}
+	img, err := cowdisk.Open(path, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer img.Close()
+	// Start tracking writes (64 KiB per bit), then write 4 KiB at 1 MiB.
+	if err := img.BitmapAdd("backup-1", 65536, true); err != nil {
+		log.Fatal(err)
+	}
+	if _, err := img.WriteAt(make([]byte, 4096), 1<<20); err != nil {
+		log.Fatal(err)
+	}
+	// An incremental backup copies only the dirty runs.
+	extents, err := img.DirtyExtents("backup-1", 0, img.Size())
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, e := range extents {
+		if e.Dirty {
+			fmt.Printf("dirty: %d bytes at %d\n", e.Length, e.Start)
+		}
+	}
+	// Output:
+	// dirty: 65536 bytes at 1048576
+}

@@ -11,6 +11,7 @@
 //!   `sizeof(the struct)`; fields are only ever appended, so old callers keep working.
 #![allow(non_camel_case_types)]
 
+mod bitmap;
 mod check;
 mod compress;
 mod convert;
@@ -24,6 +25,11 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
+pub use bitmap::{
+    cowdisk_bitmap_add, cowdisk_bitmap_clear, cowdisk_bitmap_enable, cowdisk_bitmap_extents,
+    cowdisk_bitmap_info, cowdisk_bitmap_list, cowdisk_bitmap_merge, cowdisk_bitmap_remove,
+    COWDISK_BITMAP_ADD_DISABLED, COWDISK_BITMAP_ENABLED, COWDISK_BITMAP_INCONSISTENT,
+};
 pub use check::{
     cowdisk_amend, cowdisk_amend_opts, cowdisk_check, cowdisk_check_result,
     COWDISK_CHECK_REPAIR_ALL, COWDISK_CHECK_REPAIR_LEAKS,
@@ -76,6 +82,11 @@ pub const COWDISK_OPEN_CHECK: u32 = 128;
 /// `cowdisk_get_info`, `cowdisk_check`, `cowdisk_block_status`); reads and writes
 /// of its data then fail with `-ENOKEY`.
 pub const COWDISK_OPEN_METADATA_ONLY: u32 = 256;
+/// Read-write opens of an image whose persistent dirty bitmaps cannot be kept (an
+/// unknown bitmap type or flag, a damaged bitmap directory): open anyway and give the
+/// bitmaps up, as a program without bitmap support would (their clusters leak until
+/// `cowdisk_check()` repairs leaks). Without it such an open fails with the reason.
+pub const COWDISK_OPEN_DROP_BITMAPS: u32 = 512;
 
 /// `cowdisk_create_opts.encrypt_format` and `cowdisk_info.encrypt_format`: not
 /// encrypted.
@@ -317,8 +328,12 @@ pub const COWDISK_EXTENT_PRESENT: u32 = 4;
 pub const COWDISK_EXTENT_COMPRESSED: u32 = 8;
 /// `cowdisk_extent.flags`: `offset` holds a host offset in the file of layer `depth`.
 pub const COWDISK_EXTENT_OFFSET_VALID: u32 = 16;
+/// `cowdisk_extent.flags`, from `cowdisk_bitmap_extents()` only: the bytes changed
+/// since the bitmap was added or cleared (a clean run has flags 0).
+pub const COWDISK_EXTENT_DIRTY: u32 = 32;
 
-/// One run of guest bytes with the same status, filled by `cowdisk_block_status()`.
+/// One run of guest bytes with the same status, filled by `cowdisk_block_status()`
+/// (and by `cowdisk_bitmap_extents()`: dirty or clean).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowdisk_extent {

@@ -13,8 +13,9 @@ use super::{
     COWDISK_CREATE_NO_BACKING_CHECK, COWDISK_ENCRYPT_AES, COWDISK_ENCRYPT_LUKS,
     COWDISK_ENCRYPT_NONE, COWDISK_INFO_CORRUPT, COWDISK_INFO_DIRTY, COWDISK_INFO_LAZY_REFCOUNTS,
     COWDISK_INFO_READONLY, COWDISK_OPEN_CHECK, COWDISK_OPEN_DIRECT, COWDISK_OPEN_DISCARD_UNMAP,
-    COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_METADATA_ONLY, COWDISK_OPEN_NO_BACKING,
-    COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK, COWDISK_OPEN_READONLY,
+    COWDISK_OPEN_DROP_BITMAPS, COWDISK_OPEN_FORCE_SHARE, COWDISK_OPEN_METADATA_ONLY,
+    COWDISK_OPEN_NO_BACKING, COWDISK_OPEN_NO_COMPRESSED_CACHE, COWDISK_OPEN_NO_LOCK,
+    COWDISK_OPEN_READONLY,
 };
 
 /// Copies a caller's passphrase (`ptr`, `len`) into a zeroed-on-drop [`Secret`].
@@ -269,7 +270,8 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
         | COWDISK_OPEN_FORCE_SHARE
         | COWDISK_OPEN_NO_LOCK
         | COWDISK_OPEN_CHECK
-        | COWDISK_OPEN_METADATA_ONLY;
+        | COWDISK_OPEN_METADATA_ONLY
+        | COWDISK_OPEN_DROP_BITMAPS;
     if c.flags & !known != 0 {
         return Err(Error::InvalidArgument(format!(
             "unknown open flags {:#x}",
@@ -284,6 +286,7 @@ pub(super) unsafe fn open_options(opts: *const cowdisk_open_opts) -> Result<Open
     out.locking = c.flags & COWDISK_OPEN_NO_LOCK == 0;
     out.check = c.flags & COWDISK_OPEN_CHECK != 0;
     out.metadata_only = c.flags & COWDISK_OPEN_METADATA_ONLY != 0;
+    out.drop_bitmaps = c.flags & COWDISK_OPEN_DROP_BITMAPS != 0;
     out.secret = c_secret(c.secret, c.secret_len)?;
     out.snapshot = opt_string(c.snapshot, "snapshot")?;
     out.l2_cache_size = c.l2_cache_size;

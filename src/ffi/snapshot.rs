@@ -55,7 +55,7 @@ pub struct cowdisk_snapshot_info {
 ///
 /// # Safety
 /// `s` must be NULL or a valid NUL-terminated string.
-unsafe fn c_str<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
+pub(super) unsafe fn c_str<'a>(s: *const c_char, what: &str) -> Result<&'a str> {
     if s.is_null() {
         return Err(Error::InvalidArgument(format!("{what} is NULL")));
     }
@@ -94,7 +94,7 @@ unsafe fn snapshot_options(opts: *const cowdisk_snapshot_opts) -> Result<Snapsho
     })
 }
 
-fn copy_c_string(dst: &mut [c_char], src: &str) {
+pub(super) fn copy_c_string(dst: &mut [c_char], src: &str) {
     dst.fill(0);
     let n = src.len().min(dst.len() - 1);
     for (d, b) in dst.iter_mut().zip(&src.as_bytes()[..n]) {

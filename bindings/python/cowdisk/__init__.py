@@ -17,6 +17,7 @@ package, then (in a repository checkout) ``build/lib``, ``target/release`` and
 path that was loaded.
 """
 
+from ._bitmap import BitmapInfo, DirtyExtent
 from ._convert import Comparison, commit, compare, convert, rebase
 from ._errors import Error, strerror
 from ._file import DiskFile
@@ -25,8 +26,10 @@ from ._snapshot import Snapshot, VMStateWriter
 from ._native import lib_path as library_path
 
 __all__ = [
+    "BitmapInfo",
     "CheckResult",
     "Comparison",
+    "DirtyExtent",
     "DiskFile",
     "Error",
     "Extent",
@@ -47,6 +50,18 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-for _obj in (CheckResult, Comparison, DiskFile, Error, Extent, Image, ImageInfo, Snapshot, VMStateWriter):
+for _obj in (
+    BitmapInfo,
+    CheckResult,
+    Comparison,
+    DirtyExtent,
+    DiskFile,
+    Error,
+    Extent,
+    Image,
+    ImageInfo,
+    Snapshot,
+    VMStateWriter,
+):
     _obj.__module__ = __name__
 del _obj

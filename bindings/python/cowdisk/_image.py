@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator
 
 from . import _native
+from ._bitmap import BitmapInfo, DirtyExtent
 from ._buffer import Pinned
 from ._compat import frozen_dataclass
 from ._errors import check, invalid
@@ -76,6 +77,15 @@ def _uint(value, name: str, maximum: int, filename=None) -> int:
     if not 0 <= value <= maximum:
         raise invalid(f"{name} out of range: {value}", filename)
     return value
+
+
+def _bitmap_name(name, what: str = "bitmap name") -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    raw = name.encode("utf-8")
+    if b"\0" in raw:
+        raise ValueError(f"embedded null byte in {what}")
+    return raw
 
 
 def _length(value) -> int:
@@ -580,6 +590,117 @@ class Image:
             self._call(_lib.cowdisk_load_vmstate, pin.address, pin.nbytes, pos)
         return bytes(buf)
 
+    # --- persistent dirty bitmaps ---
+
+    def bitmaps(self) -> list[BitmapInfo]:
+        """The persistent dirty bitmaps, in directory order, as :class:`BitmapInfo`
+        records. ``errno.ENOTSUP`` when the image's bitmaps could not be read (a
+        read-only open of an image with a damaged bitmap directory; a read-write open
+        with ``drop_bitmaps`` gives them up and lists none)."""
+        count = ctypes.c_size_t()
+        while True:
+            self._call(_lib.cowdisk_bitmap_list, None, 0, ctypes.byref(count))
+            n = count.value
+            buf = (_native.BitmapInfo * max(n, 1))()
+            buf[0].struct_size = ctypes.sizeof(_native.BitmapInfo)
+            self._call(_lib.cowdisk_bitmap_list, buf, n, ctypes.byref(count))
+            if count.value <= n:  # else one was added meanwhile: ask again
+                return [BitmapInfo._from_c(buf[i]) for i in range(count.value)]
+
+    def bitmap_add(self, name: str, granularity: int = 0, enabled: bool = True) -> None:
+        """Adds an empty persistent dirty bitmap, like ``qemu-img bitmap --add``.
+
+        ``granularity`` is the number of bytes one bit covers, a power of two from 512
+        bytes to 2 GiB (0 = QEMU's default: the cluster size within 4 KiB..64 KiB).
+        With ``enabled`` (the default) writes set its bits from now on. The bitmap is
+        stored in the image by :meth:`close`. ``errno.EINVAL`` for a name in use or a
+        bad granularity, ``errno.ENOTSUP`` for a version 2 image.
+        """
+        raw = _bitmap_name(name)
+        granularity = _uint(granularity, "granularity", _U64_MAX, self.path)
+        flags = 0 if enabled else _native.BITMAP_ADD_DISABLED
+        self._call(_lib.cowdisk_bitmap_add, raw, granularity, flags)
+
+    def bitmap_remove(self, name: str) -> None:
+        """Removes a bitmap (inconsistent ones too); ``errno.ENOENT`` when there is
+        none of that name."""
+        self._call(_lib.cowdisk_bitmap_remove, _bitmap_name(name))
+
+    def bitmap_clear(self, name: str) -> None:
+        """Clears every bit of a bitmap (a new checkpoint starts)."""
+        self._call(_lib.cowdisk_bitmap_clear, _bitmap_name(name))
+
+    def bitmap_enable(self, name: str) -> None:
+        """Makes a bitmap track writes (``qemu-img bitmap --enable``)."""
+        self._call(_lib.cowdisk_bitmap_enable, _bitmap_name(name), 1)
+
+    def bitmap_disable(self, name: str) -> None:
+        """Makes a bitmap stop tracking writes (``qemu-img bitmap --disable``)."""
+        self._call(_lib.cowdisk_bitmap_enable, _bitmap_name(name), 0)
+
+    def bitmap_merge(self, name: str, source_name: str, source: "Image | None" = None) -> None:
+        """Sets in bitmap ``name`` every bit that bitmap ``source_name`` of ``source``
+        (another open :class:`Image`; ``None`` = this one) has set, like ``qemu-img
+        bitmap --merge``. The granularities may differ. ``errno.ENOENT`` when either
+        bitmap does not exist."""
+        raw = _bitmap_name(name)
+        src_raw = _bitmap_name(source_name, "source bitmap name")
+        if source is None or source is self:
+            self._call(_lib.cowdisk_bitmap_merge, raw, None, src_raw)
+            return
+        if not isinstance(source, Image):
+            raise TypeError(f"source must be a cowdisk.Image or None, not {type(source).__name__}")
+        src_handle = source._acquire()
+        try:
+            self._call(_lib.cowdisk_bitmap_merge, raw, src_handle, src_raw)
+        finally:
+            source._release()
+
+    def dirty_extents(
+        self, name: str, offset: int = 0, length: int | None = None
+    ) -> list[DirtyExtent]:
+        """The dirty and clean runs of bitmap ``name`` over guest ``[offset,
+        offset+length)`` (to the end of the image when ``length`` is None; clamped to
+        the virtual size), as :class:`DirtyExtent` records: contiguous, alternating,
+        covering the range. What changed since the bitmap was added or cleared is what
+        an incremental backup copies."""
+        raw = _bitmap_name(name)
+        offset = _uint(offset, "offset", _U64_MAX, self.path)
+        if length is None:
+            end = _U64_MAX
+        else:
+            end = min(offset + _length(length), _U64_MAX)
+        buf = (_native.Extent * _EXTENT_BATCH)()
+        count = ctypes.c_size_t()
+        out: list[DirtyExtent] = []
+        pos = offset
+        while pos < end:
+            self._call(
+                _lib.cowdisk_bitmap_extents,
+                raw,
+                pos,
+                end - pos,
+                buf,
+                _EXTENT_BATCH,
+                ctypes.byref(count),
+            )
+            if count.value == 0:  # pos is the end of the image
+                break
+            for i in range(count.value):
+                e = buf[i]
+                dirty = bool(e.flags & _native.EXTENT_DIRTY)
+                last = out[-1] if out else None
+                if last is not None and last.dirty == dirty and last.start + last.length == e.start:
+                    out[-1] = DirtyExtent(last.start, last.length + e.length, dirty)
+                else:
+                    out.append(DirtyExtent(e.start, e.length, dirty))
+            last_c = buf[count.value - 1]
+            nxt = last_c.start + last_c.length
+            if nxt <= pos:
+                raise RuntimeError(f"cowdisk_bitmap_extents made no progress at offset {pos}")
+            pos = nxt
+        return out
+
     @property
     def info(self) -> ImageInfo:
         """An :class:`ImageInfo` snapshot of the image's current state."""
@@ -731,6 +852,7 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     secret=None,
     metadata_only: bool = False,
     snapshot=None,
+    drop_bitmaps: bool = False,
 ) -> Image:
     """Opens the qcow2 image at ``path`` (str or path-like) and returns an :class:`Image`.
 
@@ -762,6 +884,12 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
     the disk as that snapshot recorded it, its contents and size, like ``qemu-img
     convert -l``; ``ENOENT`` when the image has no such snapshot.
 
+    ``drop_bitmaps=True`` lets a read-write open go on when the image's persistent
+    dirty bitmaps cannot be kept (an unknown bitmap type or flag, a damaged bitmap
+    directory): they are given up, as a program without bitmap support would (their
+    clusters leak until ``check(repair="leaks")``). Without it such an open fails and
+    says why; readable bitmaps are kept either way.
+
     Raises :class:`cowdisk.Error`: ``ENOENT`` and other host errors, ``EBUSY`` (see
     above), ``EINVAL`` for a file that is not qcow2, ``ENOTSUP`` for unsupported
     features, ``EIO`` for corrupt metadata.
@@ -787,6 +915,8 @@ def open(  # noqa: A001 - the binding's public name, shadows the builtin on purp
         flags |= _native.OPEN_CHECK
     if metadata_only:
         flags |= _native.OPEN_METADATA_ONLY
+    if drop_bitmaps:
+        flags |= _native.OPEN_DROP_BITMAPS
     opts.flags = flags
     opts.l2_cache_size = _uint(l2_cache_size, "l2_cache_size", _U64_MAX, path)
     opts.max_backing_depth = _uint(max_backing_depth, "max_backing_depth", _U32_MAX, path)

@@ -46,6 +46,7 @@ OPEN_FORCE_SHARE = 32
 OPEN_NO_LOCK = 64
 OPEN_CHECK = 128
 OPEN_METADATA_ONLY = 256
+OPEN_DROP_BITMAPS = 512
 ENCRYPT_NONE = 0
 ENCRYPT_AES = 1
 ENCRYPT_LUKS = 2
@@ -69,6 +70,11 @@ EXTENT_ZERO = 2
 EXTENT_PRESENT = 4
 EXTENT_COMPRESSED = 8
 EXTENT_OFFSET_VALID = 16
+EXTENT_DIRTY = 32
+
+BITMAP_ENABLED = 1
+BITMAP_INCONSISTENT = 2
+BITMAP_ADD_DISABLED = 1
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -232,6 +238,19 @@ class SnapshotInfo(Structure):
     ]
 
 
+class BitmapInfo(Structure):
+    """``struct cowdisk_bitmap_info`` (an output array element; ``struct_size`` set in
+    the first one)."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("flags", c_uint32),
+        ("granularity", c_uint64),
+        ("dirty_bytes", c_uint64),
+        ("name", c_char * 1024),
+    ]
+
+
 # ``cowdisk_progress_fn``: int (*)(void *opaque, uint64_t done, uint64_t total).
 PROGRESS_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64)
 
@@ -292,6 +311,19 @@ _FUNCTIONS = {
     "cowdisk_snapshot_list": (
         c_int,
         [Handle, POINTER(SnapshotInfo), c_size_t, POINTER(c_size_t)],
+    ),
+    "cowdisk_bitmap_list": (
+        c_int,
+        [Handle, POINTER(BitmapInfo), c_size_t, POINTER(c_size_t)],
+    ),
+    "cowdisk_bitmap_add": (c_int, [Handle, c_char_p, c_uint64, c_uint32]),
+    "cowdisk_bitmap_remove": (c_int, [Handle, c_char_p]),
+    "cowdisk_bitmap_clear": (c_int, [Handle, c_char_p]),
+    "cowdisk_bitmap_enable": (c_int, [Handle, c_char_p, c_int]),
+    "cowdisk_bitmap_merge": (c_int, [Handle, c_char_p, Handle, c_char_p]),
+    "cowdisk_bitmap_extents": (
+        c_int,
+        [Handle, c_char_p, c_uint64, c_uint64, POINTER(Extent), c_size_t, POINTER(c_size_t)],
     ),
     "cowdisk_save_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),
     "cowdisk_load_vmstate": (c_int, [Handle, c_void_p, c_size_t, c_uint64]),

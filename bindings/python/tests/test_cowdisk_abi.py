@@ -57,6 +57,7 @@ def test_struct_layout_matches_c_compiler(tmp_path):
         "cowdisk_extent": _native.Extent,
         "cowdisk_snapshot_opts": _native.SnapshotOpts,
         "cowdisk_snapshot_info": _native.SnapshotInfo,
+        "cowdisk_bitmap_info": _native.BitmapInfo,
         "cowdisk_convert_opts": _native.ConvertOpts,
     }
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "cowdisk.h"', "int main(void) {"]
