@@ -169,7 +169,7 @@ func TestBitmapErrors(t *testing.T) {
 
 func TestBitmapMergeFromAnotherImage(t *testing.T) {
 	dst := mustCreate(t, "dst.qcow2", 4*mib, nil)
-	src := mustCreate(t, "src.qcow2", 2*mib, nil)
+	src := mustCreate(t, "src.qcow2", 4*mib, nil)
 	a := mustOpen(t, dst, nil)
 	b := mustOpen(t, src, nil)
 	if err := a.BitmapAdd("target", 65536, true); err != nil {

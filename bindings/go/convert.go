@@ -57,6 +57,12 @@ type ConvertOptions struct {
 	// TargetNoFlush never flushes the target (-t unsafe, qemu-img's default):
 	// the copy is then not durable when Convert returns.
 	TargetNoFlush bool
+	// Bitmaps carries the source's persistent dirty bitmaps into the qcow2 target
+	// (qemu-img convert --bitmaps); an inconsistent one fails the convert unless
+	// SkipBrokenBitmaps.
+	Bitmaps bool
+	// SkipBrokenBitmaps leaves inconsistent bitmaps out (--skip-broken-bitmaps).
+	SkipBrokenBitmaps bool
 	// Workers is the number of threads that copy, 1 to 16 (0 = 8).
 	Workers int
 	// Secret is the passphrase of an encrypted source (and of an encrypted existing
@@ -141,6 +147,8 @@ func Convert(ctx context.Context, src, dst string, opts *ConvertOptions) error {
 	flag(opts.ForceShare, C.COWDISK_CONVERT_FORCE_SHARE)
 	flag(opts.NoSparse, C.COWDISK_CONVERT_NO_SPARSE)
 	flag(opts.TargetNoFlush, C.COWDISK_CONVERT_TARGET_NO_FLUSH)
+	flag(opts.Bitmaps, C.COWDISK_CONVERT_BITMAPS)
+	flag(opts.SkipBrokenBitmaps, C.COWDISK_CONVERT_SKIP_BROKEN_BITMAPS)
 	if opts.Workers < 0 || uint64(opts.Workers) > math.MaxUint32 {
 		return newError(op, src, syscall.EINVAL, "invalid argument: %d workers", opts.Workers)
 	}

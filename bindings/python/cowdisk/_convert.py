@@ -85,6 +85,8 @@ def convert(
     target_direct: bool = False,
     flush: bool = True,
     force_share: bool = False,
+    bitmaps: bool = False,
+    skip_broken_bitmaps: bool = False,
     backing_file=None,
     backing_format: str | None = None,
     version: int | None = None,
@@ -115,7 +117,9 @@ def convert(
     data are not written as data (``-S``; ``None`` or 0 turns that off);
     ``source_direct``/``target_direct`` use O_DIRECT (``-T none``/``-t none``);
     ``flush=False`` never flushes the target (``-t unsafe``); ``force_share`` reads a
-    source another process writes (``-U``). ``backing_file`` gives the new target a
+    source another process writes (``-U``). ``bitmaps`` carries the source's
+    persistent dirty bitmaps into the qcow2 target (``--bitmaps``; an inconsistent one
+    fails the convert unless ``skip_broken_bitmaps``). ``backing_file`` gives the new target a
     backing file (``-B``, ``backing_format`` as ``-F``): only what reads differently
     from it is copied.
 
@@ -152,6 +156,8 @@ def convert(
         (target_direct, _native.CONVERT_TARGET_DIRECT),
         (force_share, _native.CONVERT_FORCE_SHARE),
         (not flush, _native.CONVERT_TARGET_NO_FLUSH),
+        (bitmaps, _native.CONVERT_BITMAPS),
+        (skip_broken_bitmaps, _native.CONVERT_SKIP_BROKEN_BITMAPS),
         (not min_sparse, _native.CONVERT_NO_SPARSE),
     ):
         if on:

@@ -111,7 +111,7 @@ def test_dirty_extents_spanning_many_calls(new_image):
 
 
 def test_merge_from_another_image(new_image, qemu_img):
-    dst, src = new_image(SIZE), new_image(2 * MiB)
+    dst, src = new_image(SIZE), new_image(SIZE)
     with cowdisk.open(dst) as a, cowdisk.open(src) as b:
         a.bitmap_add("target", granularity=65536)
         b.bitmap_add("source", granularity=4096)
