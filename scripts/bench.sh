@@ -6,7 +6,8 @@
 # Sections: "bench" (qemu-img bench workloads), "compress" (1 GiB of mixed data through
 # compressed writes vs qemu-img convert -c, issue 5), "vmstate" (2 GiB of VM state in
 # realistic pieces, pool vs unbuffered vs dd, issue 6), "integrity" (what the overlap
-# checks cost on workloads 1-4, and mapping an empty 1 PiB image, issue 11), "convert"
+# checks cost on workloads 1-4, and mapping an empty 1 PiB image, issue 11), "bitmaps"
+# (what keeping 1 and 8 persistent bitmaps costs on workloads 1-2, issue 16), "convert"
 # (qemu-img convert against cowdisk convert on 1 GiB of mixed data, issue 12), "nbd"
 # (nbdkit + the cowdisk plugin against qemu-nbd, scripts/bench-nbd.sh, issue 17).
 #
@@ -23,7 +24,7 @@ cowdisk="$top/target/release/cowdisk"
 dir=${BENCH_DIR:-$top/build/bench}
 runs=${BENCH_RUNS:-3}
 out=${BENCH_OUT:-$top/BENCHMARKS.md}
-only=${BENCH_ONLY:-bench,compress,vmstate,integrity,convert,encryption,nbd}
+only=${BENCH_ONLY:-bench,compress,vmstate,integrity,bitmaps,convert,encryption,nbd}
 slow_mib=${BENCH_VMSTATE_SLOW_MIB:-512}
 mkdir -p "$dir"
 [ -x "$cowdisk" ] || { echo "bench: build first (make)"; exit 1; }
@@ -277,6 +278,44 @@ if section integrity; then
     t0=$(now); qemu-img map --output=json "$big" > /dev/null; map_qemu=$(since "$t0")
     map_cowdisk=$(med "map cowdisk")
     rm -f "$big"
+fi
+# ---- bitmaps (issue 16) ----------------------------------------------------------------
+# Workloads 1-2 through cowdisk on fresh images with 0, 1 and 8 persistent dirty bitmaps
+# (added by qemu-img bitmap --add, 64 KiB granularity), alternating, each timed as a
+# whole process (opening marks the bitmaps in use, closing stores them).
+bitmap_rows=()
+if section bitmaps; then
+    bitmaps_cost() {
+        local name=$1; shift
+        local -a t0s t1 t8
+        echo "== bitmaps: $name: cowdisk bench $*"
+        for ((i = 0; i < runs; i++)); do
+            for n in 0 1 8; do
+                local img="$dir/bitmaps.qcow2"
+                rm -f "$img"
+                qemu-img create -q -f qcow2 "$img" 8G
+                for ((b = 0; b < n; b++)); do qemu-img bitmap --add "$img" "b$b"; done
+                sync
+                # The whole process: open (marking the bitmaps in use) and close
+                # (storing them) included.
+                t0=$(now); "$cowdisk" bench -q "$@" "$img" > /dev/null; t=$(since "$t0")
+                echo "   $n bitmaps run $((i + 1)): $t s"
+                case $n in 0) t0s+=("$t") ;; 1) t1+=("$t") ;; 8) t8+=("$t") ;; esac
+            done
+        done
+        local a b c
+        a=$(printf '%s\n' "${t0s[@]}" | median)
+        b=$(printf '%s\n' "${t1[@]}" | median)
+        c=$(printf '%s\n' "${t8[@]}" | median)
+        local r1 r8
+        r1=$(ratio "$b" "$a")
+        r8=$(ratio "$c" "$a")
+        bitmap_rows+=("| $name | \`$*\` | $a | $b | $c | $r1 | $r8 | ≤ 1.05 | $(met "$r8" 1.05) |")
+    }
+    bitmaps_cost "1. 4 KiB sequential allocating writes" -w -c 65536 -s 4k -d 1 -t none
+    bitmaps_cost "1. 4 KiB sequential allocating writes" -w -c 65536 -s 4k -d 1 -t writeback
+    bitmaps_cost "2. 4 KiB writes at 64 KiB step (allocate + COW)" -w -c 65536 -s 4k -S 64k -d 1 -t none
+    bitmaps_cost "2. 4 KiB writes at 64 KiB step (allocate + COW)" -w -c 65536 -s 4k -S 64k -d 1 -t writeback
 fi
 # ---- convert (issue 12) ----------------------------------------------------------------
 # A 2 GiB qcow2 image holding the 1 GiB of mixed data (zeros written as data, text,
@@ -547,6 +586,19 @@ echo "bench: measuring took $(since "$start_all") s"
         echo "(median of $runs, whole process; goal < 0.1 s: $(met "$map_cowdisk" 0.1)); \`qemu-img map\`"
         echo "of the same image took $map_qemu s (one run). Block status skips runs of empty L1"
         echo "entries, so its time follows what is mapped, not the virtual size."
+    fi
+    if section bitmaps; then
+        echo
+        echo "## Persistent dirty bitmaps (issue 16)"
+        echo
+        echo "What keeping bitmaps costs: \`cowdisk bench\` on a fresh 8 GiB image with no bitmap, 1 and 8"
+        echo "(64 KiB granularity, added with \`qemu-img bitmap --add\`), alternating; every write sets"
+        echo "the bits of every bitmap; times are whole processes, so marking the bitmaps in use at open"
+        echo "and storing them at close are included. Ratios against no bitmap."
+        echo
+        echo "| workload | options | 0 bitmaps s | 1 bitmap s | 8 bitmaps s | 1/0 | 8/0 | goal (8/0) | met |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        printf '%s\n' "${bitmap_rows[@]}"
     fi
     if section convert; then
         echo

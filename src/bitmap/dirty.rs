@@ -78,20 +78,27 @@ impl DirtyBitmap {
 
     /// Sets the bits of bit range `[first, end)`.
     fn set_bits(&mut self, first: u64, end: u64) {
-        let per = 1u64 << self.chunk_bits;
+        let cb = self.chunk_bits;
+        let per = 1u64 << cb;
         let words = self.words_per_chunk();
         let mut bit = first;
         while bit < end {
-            let chunk = bit >> self.chunk_bits;
-            let stop = end.min((chunk + 1) * per);
-            let entry = self
-                .chunks
-                .entry(chunk)
-                .or_insert_with(|| Chunk::Bits(vec![0u64; words].into_boxed_slice()));
+            let chunk = bit >> cb;
+            let stop = end.min((chunk + 1) << cb);
+            let (lo, hi) = (bit & (per - 1), ((stop - 1) & (per - 1)) + 1);
+            // The hot path (a write into a chunk already dirty) is one lookup.
+            let entry = match self.chunks.get_mut(&chunk) {
+                Some(e) => e,
+                None => self
+                    .chunks
+                    .entry(chunk)
+                    .or_insert_with(|| Chunk::Bits(vec![0u64; words].into_boxed_slice())),
+            };
             if let Chunk::Bits(w) = entry {
-                let (lo, hi) = (bit - chunk * per, stop - chunk * per);
                 set_range(w, lo, hi);
-                if hi - lo == per || w.iter().all(|&x| x == u64::MAX) {
+                // Only a mark covering the whole chunk makes it a marker: scanning
+                // the words on every write would cost more than it saves.
+                if hi - lo == per {
                     *entry = Chunk::Ones;
                 }
             }
@@ -106,7 +113,7 @@ impl DirtyBitmap {
             return;
         }
         let g = self.granularity_bits;
-        self.set_bits(offset >> g, (end - 1) / (1 << g) + 1);
+        self.set_bits(offset >> g, ((end - 1) >> g) + 1);
     }
 
     /// Clears every bit.
