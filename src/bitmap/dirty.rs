@@ -26,13 +26,16 @@ pub enum DirtyChunk {
 }
 
 /// A dirty bitmap over a disk of `size` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DirtyBitmap {
     granularity_bits: u32,
     size: u64,
     /// log2 of the bits one chunk holds (cluster bits + 3).
     chunk_bits: u32,
     chunks: BTreeMap<u64, Chunk>,
+    /// The bit range `[first, end)` marked last, known to be set: consecutive small
+    /// writes mostly fall in the same granule and then cost two comparisons.
+    last_marked: (u64, u64),
 }
 
 impl DirtyBitmap {
@@ -44,6 +47,7 @@ impl DirtyBitmap {
             size,
             chunk_bits: chunk_bytes.trailing_zeros() + 3,
             chunks: BTreeMap::new(),
+            last_marked: (0, 0),
         }
     }
 
@@ -113,11 +117,18 @@ impl DirtyBitmap {
             return;
         }
         let g = self.granularity_bits;
-        self.set_bits(offset >> g, ((end - 1) >> g) + 1);
+        let (first, stop) = (offset >> g, ((end - 1) >> g) + 1);
+        let (a, b) = self.last_marked;
+        if first >= a && stop <= b {
+            return;
+        }
+        self.set_bits(first, stop);
+        self.last_marked = (first, stop);
     }
 
     /// Clears every bit.
     pub fn clear(&mut self) {
+        self.last_marked = (0, 0);
         self.chunks.clear();
     }
 
@@ -243,6 +254,7 @@ impl DirtyBitmap {
     /// Changes the covered size: bits past a smaller size are dropped, a larger size
     /// adds clear bits (QEMU's rule for bitmaps on resize).
     pub fn resize(&mut self, size: u64) {
+        self.last_marked = (0, 0);
         self.size = size;
         let nbits = self.nbits();
         let per = 1u64 << self.chunk_bits;
@@ -288,6 +300,7 @@ impl DirtyBitmap {
         }
         let chunk = match stored {
             DirtyChunk::Zeros => {
+                self.last_marked = (0, 0);
                 self.chunks.remove(&index);
                 return;
             }
@@ -297,6 +310,7 @@ impl DirtyBitmap {
                     .chunks_exact(8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                     .collect();
+                self.last_marked = (0, 0);
                 if w.iter().all(|&x| x == 0) {
                     self.chunks.remove(&index);
                     return;

@@ -61,7 +61,7 @@ impl DataIo {
         let mut buf = vec![0u8; len as usize];
         self.storage
             .read_at(&mut buf, host)
-            .map_err(Meta::io_err(format!("reading host {host:#x} for {why}")))?;
+            .map_err(|e| Meta::io_err(format!("reading host {host:#x} for {why}"))(e))?;
         Ok(buf)
     }
 
@@ -96,7 +96,8 @@ impl DataIo {
             }
             None => self.storage.write_at(data, host),
         };
-        written.map_err(Meta::io_err(format!("writing guest data at {host:#x}")))
+        // The message is built only on failure: this is every guest write's path.
+        written.map_err(|e| Meta::io_err(format!("writing guest data at {host:#x}"))(e))
     }
 
     /// Reads unallocated guest bytes at `guest` from the backing chain (zeros without
@@ -130,11 +131,9 @@ impl DataIo {
                     len,
                 } => {
                     let piece = &mut buf[start..start + len];
-                    self.storage
-                        .read_at(piece, host)
-                        .map_err(Meta::io_err(format!(
-                            "reading guest data at host {host:#x}"
-                        )))?;
+                    self.storage.read_at(piece, host).map_err(|e| {
+                        Meta::io_err(format!("reading guest data at host {host:#x}"))(e)
+                    })?;
                     if let Some(c) = self.cipher()? {
                         c.decrypt(host, guest, piece)?;
                     }
