@@ -134,17 +134,27 @@ pub(crate) fn decompress_cluster(
     Ok(out)
 }
 
+thread_local! {
+    /// One inflate state per thread, reset per cluster: building one costs more than
+    /// decompressing a small cluster.
+    static INFLATE: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
+    /// One zstd decompression context per thread, reinitialised per cluster.
+    static UNZSTD: std::cell::RefCell<Option<zstd::stream::raw::Decoder<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decompresses one cluster: `out` (exactly one cluster) must be filled completely.
 /// Input beyond the end of the stream is ignored; deflate streams with any window
-/// size are accepted.
+/// size are accepted. The codec state is the calling thread's, reused.
 pub(crate) fn decompress(
     kind: CompressionType,
     input: &[u8],
     out: &mut [u8],
 ) -> std::result::Result<(), String> {
     match kind {
-        CompressionType::Zlib => {
-            let mut d = Decompress::new(false);
+        CompressionType::Zlib => INFLATE.with_borrow_mut(|slot| {
+            let d = slot.get_or_insert_with(|| Decompress::new(false));
+            d.reset(false);
             match d.decompress(input, out, FlushDecompress::Finish) {
                 Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
                 Ok(_) => Err(format!(
@@ -153,10 +163,15 @@ pub(crate) fn decompress(
                 )),
                 Err(e) => Err(format!("invalid deflate data ({e})")),
             }
-        }
-        CompressionType::Zstd => {
+        }),
+        CompressionType::Zstd => UNZSTD.with_borrow_mut(|slot| {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+            let d = match slot {
+                Some(d) => d,
+                None => slot.insert(Decoder::new().map_err(|e| format!("zstd: {e}"))?),
+            };
+            // A clean state whatever the last cluster left (a failure mid-frame).
+            d.reinit().map_err(|e| format!("zstd: {e}"))?;
             let mut inb = InBuffer::around(input);
             let mut outb = OutBuffer::around(out);
             loop {
@@ -175,7 +190,7 @@ pub(crate) fn decompress(
                     return Err(format!("the zstd data is truncated after {produced} bytes"));
                 }
             }
-        }
+        }),
     }
 }
 
