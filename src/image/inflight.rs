@@ -168,6 +168,9 @@ pub(crate) struct InFlight {
     runs: Vec<(u64, u64)>,
     /// Exclusive operations waiting: no new allocation starts meanwhile.
     exclusive_waiting: usize,
+    /// Threads waiting on `Image::allocation_ended`: with none, ending an allocation
+    /// makes no wake-up syscall.
+    waiters: usize,
 }
 
 impl InFlight {
@@ -293,7 +296,9 @@ impl Image {
                     drop(gate);
                     meta = self.lock()?;
                     let finished = meta.finish_allocation(&a, filled);
-                    self.allocation_ended.notify_all();
+                    if meta.inflight.waiters > 0 {
+                        self.allocation_ended.notify_all();
+                    }
                     if let Err(e) = finished {
                         return Err(meta.judge("a write", e));
                     }
@@ -309,10 +314,14 @@ impl Image {
 
     /// Waits (releasing the lock) until an allocation in flight ends or an exclusive
     /// operation is done.
-    fn wait<'a>(&'a self, meta: MutexGuard<'a, Meta>) -> Result<MutexGuard<'a, Meta>> {
-        self.allocation_ended
-            .wait(meta)
-            .map_err(|_| Error::Broken("an earlier call panicked while updating the image".into()))
+    fn wait<'a>(&'a self, mut meta: MutexGuard<'a, Meta>) -> Result<MutexGuard<'a, Meta>> {
+        // Counted under the lock, so a notifier holding it afterwards sees us.
+        meta.inflight.waiters += 1;
+        let mut meta = self.allocation_ended.wait(meta).map_err(|_| {
+            Error::Broken("an earlier call panicked while updating the image".into())
+        })?;
+        meta.inflight.waiters -= 1;
+        Ok(meta)
     }
 
     /// Takes the lock for an operation that changes mappings wholesale: waits until no
@@ -325,7 +334,7 @@ impl Image {
             meta = self.wait(meta)?;
         }
         meta.inflight.exclusive_waiting -= 1;
-        if meta.inflight.exclusive_waiting == 0 {
+        if meta.inflight.exclusive_waiting == 0 && meta.inflight.waiters > 0 {
             // Writes held back for us plan again once we release the lock.
             self.allocation_ended.notify_all();
         }
