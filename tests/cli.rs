@@ -1,34 +1,12 @@
 //! Integration tests of the `cowdisk` command-line tool, cross-checked against
 //! `qemu-img` and `qemu-io` (tests needing them are skipped when they are missing).
 
+mod common;
+
+use common::Scratch;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-/// A scratch folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates a fresh folder whose name includes the test name and the process id.
-    fn new(test: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("cowdisk-cli-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    /// A path inside the folder, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    /// Removes the folder and everything in it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `cowdisk` with `args`.
 fn cowdisk(args: &[&str]) -> Output {
@@ -104,8 +82,8 @@ fn test_data(len: usize) -> Vec<u8> {
 /// Malformed command lines exit 1 with `cowdisk: ` and create nothing.
 #[test]
 fn bad_arguments_are_rejected() {
-    let dir = TempDir::new("badargs");
-    let img = dir.path("x.qcow2");
+    let dir = Scratch::new("badargs");
+    let img = dir.file("x.qcow2");
     let err = fails(&["create", "-o", "cluster_size=64k,frobnicate=1", &img, "1G"]);
     assert!(err.contains("frobnicate"), "{err}");
     let err = fails(&["create", &img, "12Q"]);
@@ -113,7 +91,7 @@ fn bad_arguments_are_rejected() {
     fails(&["create", &img]);
     fails(&["create", "-o", "compat=2", &img, "1M"]);
     fails(&["create", "-o", "lazy_refcounts=maybe", &img, "1M"]);
-    let err = fails(&["create", "-b", &dir.path("missing-base.qcow2"), &img]);
+    let err = fails(&["create", "-b", &dir.file("missing-base.qcow2"), &img]);
     assert!(err.contains("missing-base.qcow2"), "{err}");
     fails(&["create", "-f", "vmdk", &img, "1M"]);
     fails(&["write", "-P", "256", &img, "0", "1"]);
@@ -139,8 +117,8 @@ fn create_options_agree_with_qemu_img() {
     if !have("qemu-img") {
         return;
     }
-    let dir = TempDir::new("create");
-    let v3 = dir.path("v3.qcow2");
+    let dir = Scratch::new("create");
+    let v3 = dir.file("v3.qcow2");
     let out = ok(&[
         "create",
         "-o",
@@ -164,7 +142,7 @@ fn create_options_agree_with_qemu_img() {
     assert_eq!(data["compression-type"], "zstd");
     assert_eq!(data["corrupt"], false);
 
-    let v2 = dir.path("v2.qcow2");
+    let v2 = dir.file("v2.qcow2");
     let out = ok(&[
         "create",
         "-o",
@@ -181,7 +159,7 @@ fn create_options_agree_with_qemu_img() {
     assert_eq!(q["format-specific"]["data"]["compat"], "0.10");
     assert_eq!(q["format-specific"]["data"]["refcount-bits"], 16);
 
-    let v3b = dir.path("v3-bytes.qcow2");
+    let v3b = dir.file("v3-bytes.qcow2");
     let out = ok(&[
         "create",
         "-o",
@@ -206,8 +184,8 @@ fn create_options_agree_with_qemu_img() {
 /// `read -P` accepts what `write -P` wrote and names the first mismatching offset.
 #[test]
 fn write_then_read_pattern_verifies() {
-    let dir = TempDir::new("pattern");
-    let img = dir.path("p.qcow2");
+    let dir = Scratch::new("pattern");
+    let img = dir.file("p.qcow2");
     ok(&["create", &img, "4M"]);
     let out = ok(&["write", "-P", "0xab", &img, "65636", "10000"]);
     assert_eq!(out.trim(), "wrote 10000 bytes at offset 65636");
@@ -243,8 +221,8 @@ fn qemu_agrees_with_our_writes() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("qemu-agrees");
-    let img = dir.path("w.qcow2");
+    let dir = Scratch::new("qemu-agrees");
+    let img = dir.file("w.qcow2");
     ok(&["create", "-o", "cluster_size=4k", &img, "8M"]);
     ok(&["write", "-P", "0xab", &img, "6000", "20000"]);
     ok(&["write", "-P", "0x5c", "--flush", &img, "7M", "1M"]);
@@ -275,8 +253,8 @@ fn we_read_what_qemu_wrote() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("qemu-wrote");
-    let img = dir.path("q.qcow2");
+    let dir = Scratch::new("qemu-wrote");
+    let img = dir.file("q.qcow2");
     run_tool("qemu-img", &["create", "-f", "qcow2", &img, "64M"]);
     run_tool(
         "qemu-io",
@@ -301,10 +279,10 @@ fn we_read_what_qemu_wrote() {
 /// `write --from` and `read --to` move file contents exactly.
 #[test]
 fn from_and_to_files_round_trip() {
-    let dir = TempDir::new("files");
-    let img = dir.path("f.qcow2");
-    let src = dir.path("src.bin");
-    let dst = dir.path("dst.bin");
+    let dir = Scratch::new("files");
+    let img = dir.file("f.qcow2");
+    let src = dir.file("src.bin");
+    let dst = dir.file("dst.bin");
     let data = test_data(3 * 65536 + 1234);
     std::fs::write(&src, &data).unwrap();
     ok(&["create", &img, "10M"]);
@@ -329,7 +307,7 @@ fn from_and_to_files_round_trip() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("read 100 bytes at offset 12345"));
 
     if have("qemu-img") {
-        let raw = dir.path("f.raw");
+        let raw = dir.file("f.raw");
         run_tool(
             "qemu-img",
             &["convert", "-f", "qcow2", "-O", "raw", &img, &raw],
@@ -345,8 +323,8 @@ fn from_and_to_files_round_trip() {
 /// Without -P or --to, read prints a qemu-io style hexdump, limited on request.
 #[test]
 fn read_prints_a_hexdump() {
-    let dir = TempDir::new("hexdump");
-    let img = dir.path("h.qcow2");
+    let dir = Scratch::new("hexdump");
+    let img = dir.file("h.qcow2");
     ok(&["create", &img, "1M"]);
     ok(&["write", "-P", "0x41", &img, "16", "20"]);
     let out = ok(&["read", &img, "0", "40"]);
@@ -378,15 +356,15 @@ fn read_prints_a_hexdump() {
 /// Missing and non-qcow2 files fail with exit 1 and are left alone.
 #[test]
 fn errors_for_missing_and_non_qcow2_files() {
-    let dir = TempDir::new("errors");
-    let missing = dir.path("missing.qcow2");
+    let dir = Scratch::new("errors");
+    let missing = dir.file("missing.qcow2");
     let err = fails(&["info", &missing]);
     assert!(err.contains("missing.qcow2"), "{err}");
     fails(&["read", &missing, "0", "1"]);
     fails(&["write", &missing, "0", "1"]);
     assert!(!Path::new(&missing).exists());
 
-    let text = dir.path("text.txt");
+    let text = dir.file("text.txt");
     std::fs::write(&text, "this is not a qcow2 image\n".repeat(100)).unwrap();
     fails(&["info", &text]);
     fails(&["info", "--output=json", &text]);
@@ -398,7 +376,7 @@ fn errors_for_missing_and_non_qcow2_files() {
         "a failed write must not touch a non-qcow2 file"
     );
 
-    let empty = dir.path("empty");
+    let empty = dir.file("empty");
     std::fs::write(&empty, b"").unwrap();
     fails(&["info", &empty]);
     fails(&["info", dir.0.to_str().unwrap()]);
@@ -407,9 +385,9 @@ fn errors_for_missing_and_non_qcow2_files() {
 /// `info` (JSON and text) matches qemu-img and lists the backing chain.
 #[test]
 fn info_json_matches_qemu_and_reports_the_chain() {
-    let dir = TempDir::new("info");
-    let base = dir.path("base.qcow2");
-    let top = dir.path("top.qcow2");
+    let dir = Scratch::new("info");
+    let base = dir.file("base.qcow2");
+    let top = dir.file("top.qcow2");
     ok(&[
         "create",
         "-o",
@@ -567,8 +545,8 @@ fn assert_map_like_qemu(path: &str, human: bool) {
 /// `zero` and `discard` change what reads back, as qemu-io sees it too.
 #[test]
 fn zero_and_discard_read_back_as_zeros() {
-    let dir = TempDir::new("zero");
-    let img = dir.path("z.qcow2");
+    let dir = Scratch::new("zero");
+    let img = dir.file("z.qcow2");
     ok(&["create", &img, "4M"]);
     ok(&["write", "-P", "0x5a", &img, "0", "1M"]);
     let out = ok(&["zero", &img, "64k", "128k"]);
@@ -626,8 +604,8 @@ fn map_matches_qemu_img_on_our_image() {
     if !have("qemu-img") {
         return;
     }
-    let dir = TempDir::new("map-ours");
-    let img = dir.path("ours.qcow2");
+    let dir = Scratch::new("map-ours");
+    let img = dir.file("ours.qcow2");
     ok(&["create", &img, "16M"]);
     ok(&["write", "-P", "1", &img, "10000", "300000"]);
     ok(&["zero", &img, "1M", "320k"]);
@@ -641,7 +619,7 @@ fn map_matches_qemu_img_on_our_image() {
     assert_qemu_check_clean(&img);
 
     // A v2 image (zeroing deallocates there) with small clusters.
-    let v2 = dir.path("v2.qcow2");
+    let v2 = dir.file("v2.qcow2");
     ok(&["create", "-o", "compat=0.10,cluster_size=4k", &v2, "1M"]);
     ok(&["write", "-P", "4", &v2, "0", "100k"]);
     ok(&["zero", &v2, "8k", "16k"]);
@@ -670,7 +648,7 @@ fn map_matches_qemu_img_on_our_image() {
         ],
     );
     assert_eq!(part, theirs);
-    let empty = dir.path("empty.qcow2");
+    let empty = dir.file("empty.qcow2");
     ok(&["create", &empty, "0"]);
     assert_map_like_qemu(&empty, true);
 }
@@ -682,8 +660,8 @@ fn map_matches_qemu_img_on_a_qemu_io_image() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("map-qemu");
-    let img = dir.path("q.qcow2");
+    let dir = Scratch::new("map-qemu");
+    let img = dir.file("q.qcow2");
     run_tool("qemu-img", &["create", "-f", "qcow2", &img, "16M"]);
     run_tool(
         "qemu-io",
@@ -750,14 +728,14 @@ fn map_matches_qemu_img_with_host_holes() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("map-holes");
+    let dir = Scratch::new("map-holes");
     // qemu-io writes 1000 bytes: the rest of the cluster is left unwritten.
-    let img = dir.path("p.qcow2");
+    let img = dir.file("p.qcow2");
     run_tool("qemu-img", &["create", "-f", "qcow2", &img, "1M"]);
     run_tool("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 1000", &img]);
     assert_map_like_qemu(&img, true);
     // cowdisk leaves the tail of a partial last cluster unwritten too.
-    let ours = dir.path("ours.qcow2");
+    let ours = dir.file("ours.qcow2");
     ok(&["create", &ours, "16M"]);
     ok(&["write", "-P", "1", &ours, "10000", "300000"]);
     ok(&["write", "-P", "3", &ours, "15M", "1M"]);
@@ -771,10 +749,10 @@ fn map_matches_qemu_img_on_a_chain() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("map-chain");
-    let base = dir.path("base.raw");
-    let mid = dir.path("mid.qcow2");
-    let top = dir.path("top.qcow2");
+    let dir = Scratch::new("map-chain");
+    let base = dir.file("base.raw");
+    let mid = dir.file("mid.qcow2");
+    let top = dir.file("top.qcow2");
     run_tool("qemu-img", &["create", "-f", "raw", &base, "4M"]);
     run_tool(
         "qemu-io",
@@ -871,8 +849,8 @@ fn map_matches_qemu_img_on_a_chain() {
 /// `--force`, and qemu-img agrees on the result.
 #[test]
 fn resize_like_qemu_img() {
-    let dir = TempDir::new("resize");
-    let img = dir.path("r.qcow2");
+    let dir = Scratch::new("resize");
+    let img = dir.file("r.qcow2");
     ok(&["create", &img, "1M"]);
     ok(&["write", "-P", "0x42", &img, "512k", "64k"]);
     let size = |path: &str| -> u64 {
@@ -918,7 +896,7 @@ fn resize_like_qemu_img() {
         assert_eq!(qemu_info(&img)["virtual-size"], 1 << 20);
         assert_qemu_check_clean(&img);
         // An image qemu made, resized by us, and one we made resized by qemu.
-        let q = dir.path("q.qcow2");
+        let q = dir.file("q.qcow2");
         run_tool("qemu-img", &["create", "-f", "qcow2", &q, "3M"]);
         ok(&["resize", &q, "+5M"]);
         assert_eq!(qemu_info(&q)["virtual-size"], 8 << 20);
@@ -933,12 +911,12 @@ fn resize_like_qemu_img() {
 
 #[test]
 fn create_quiet_and_one_line_errors_without_rust_noise() {
-    let dir = TempDir::new("quiet");
-    let img = dir.path("q.qcow2");
+    let dir = Scratch::new("quiet");
+    let img = dir.file("q.qcow2");
     assert_eq!(ok(&["create", "-q", &img, "1M"]), "");
     let err = fails(&["create", &img, "1M"]);
     assert!(err.contains("File exists"), "{err}");
-    let err = fails(&["info", &dir.path("missing.qcow2")]);
+    let err = fails(&["info", &dir.file("missing.qcow2")]);
     assert!(err.contains("No such file or directory"), "{err}");
     for e in [err, fails(&["create", &img, "1M"])] {
         assert!(!e.contains("os error"), "Rust's errno suffix leaked: {e}");
@@ -956,11 +934,11 @@ fn allocated(path: &str) -> u64 {
 /// images, reads as zeros and checks clean; falloc and full reserve the space.
 #[test]
 fn create_preallocation_like_qemu_img() {
-    let dir = TempDir::new("prealloc");
-    let raw = dir.path("zero.raw");
+    let dir = Scratch::new("prealloc");
+    let raw = dir.file("zero.raw");
     std::fs::write(&raw, vec![0u8; 3 << 20]).unwrap();
     for mode in ["off", "metadata", "falloc", "full"] {
-        let ours = dir.path(&format!("ours-{mode}.qcow2"));
+        let ours = dir.file(&format!("ours-{mode}.qcow2"));
         let option = format!("preallocation={mode}");
         let out = ok(&["create", "-o", &option, &ours, "3M"]);
         assert!(out.contains(&format!(" {option} ")), "{out}");
@@ -985,7 +963,7 @@ fn create_preallocation_like_qemu_img() {
             &["compare", "-f", "qcow2", "-F", "raw", &ours, &raw],
         );
         assert!(cmp.contains("Images are identical"), "{mode}: {cmp}");
-        let theirs = dir.path(&format!("qemu-{mode}.qcow2"));
+        let theirs = dir.file(&format!("qemu-{mode}.qcow2"));
         run_tool(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", &option, &theirs, "3M"],
@@ -999,7 +977,7 @@ fn create_preallocation_like_qemu_img() {
         );
     }
     // Small clusters, several L2 tables and refcount blocks: still clean.
-    let small = dir.path("small.qcow2");
+    let small = dir.file("small.qcow2");
     ok(&[
         "create",
         "-q",
@@ -1016,14 +994,14 @@ fn create_preallocation_like_qemu_img() {
         "create",
         "-o",
         "preallocation=sparse",
-        &dir.path("x.qcow2"),
+        &dir.file("x.qcow2"),
         "1M",
     ]);
     assert_eq!(
         err,
         "cowdisk: invalid preallocation mode 'sparse' (expected off, metadata, falloc or full)\n"
     );
-    let base = dir.path("ours-off.qcow2");
+    let base = dir.file("ours-off.qcow2");
     let err = fails(&[
         "create",
         "-o",
@@ -1032,17 +1010,17 @@ fn create_preallocation_like_qemu_img() {
         &base,
         "-F",
         "qcow2",
-        &dir.path("y.qcow2"),
+        &dir.file("y.qcow2"),
     ]);
     assert!(err.contains("cannot be used with a backing file"), "{err}");
-    assert!(!Path::new(&dir.path("y.qcow2")).exists());
+    assert!(!Path::new(&dir.file("y.qcow2")).exists());
 }
 
 /// `create -u` stores a backing file name without opening it, as qemu-img does.
 #[test]
 fn create_unsafe_backing_is_not_opened() {
-    let dir = TempDir::new("unsafe");
-    let img = dir.path("u.qcow2");
+    let dir = Scratch::new("unsafe");
+    let img = dir.file("u.qcow2");
     let out = ok(&[
         "create",
         "-u",
@@ -1070,7 +1048,7 @@ fn create_unsafe_backing_is_not_opened() {
         assert_eq!(q["backing-filename"], "not-there.qcow2");
         assert_eq!(q["full-backing-filename"], info["full-backing-filename"]);
     }
-    let other = dir.path("v.qcow2");
+    let other = dir.file("v.qcow2");
     assert_eq!(
         fails(&["create", "-u", "-b", "not-there.qcow2", &other, "1M"]),
         "cowdisk: -F must be given with -u (the backing file is not opened)\n"
@@ -1106,8 +1084,8 @@ fn create_unsafe_backing_is_not_opened() {
 /// Bad sizes and command lines give one line with the reason, and no Rust noise.
 #[test]
 fn bad_sizes_and_usage_errors_are_one_line() {
-    let dir = TempDir::new("sizes");
-    let img = dir.path("s.qcow2");
+    let dir = Scratch::new("sizes");
+    let img = dir.file("s.qcow2");
     for (size, why) in [
         ("-1G", "invalid size '-1G': sizes cannot be negative"),
         ("0x", "invalid size '0x': not a hexadecimal number"),
@@ -1146,7 +1124,7 @@ fn bad_sizes_and_usage_errors_are_one_line() {
         fails(&["create", &img, "1M"]),
         format!("cowdisk: cannot create '{img}': File exists\n")
     );
-    let missing = dir.path("missing.qcow2");
+    let missing = dir.file("missing.qcow2");
     assert_eq!(
         fails(&["info", &missing]),
         format!("cowdisk: cannot open '{missing}': No such file or directory\n")

@@ -4,35 +4,11 @@
 //! print the same runs as nbdinfo, and `qemu-img check` must stay clean. Tests that
 //! need QEMU's tools skip when they are missing.
 
+mod common;
+
+use common::Scratch;
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::{Command, Output};
-
-/// A scratch folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates a fresh folder whose name includes the test name and the process id.
-    fn new(test: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("cowdisk-clibitmap-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    /// A path inside the folder, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    /// Removes the folder and everything in it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs a program and returns its output.
 fn run(program: &str, args: &[&str]) -> Output {
@@ -225,8 +201,8 @@ fn bitmap_operations_round_trip_through_qemu() {
         return;
     }
     let nbd = have("qemu-nbd") && have("nbdinfo");
-    let dir = TempDir::new("ops");
-    let img = dir.path("a.qcow2");
+    let dir = Scratch::new("ops");
+    let img = dir.file("a.qcow2");
     ok(&["create", "-q", &img, "64M"]);
 
     // --add (default granularity: the cluster size), --add --disable -g 512.
@@ -307,7 +283,7 @@ fn bitmap_operations_round_trip_through_qemu() {
     );
 
     // --merge from another image's bitmap (made and dirtied by QEMU), with -F.
-    let other = dir.path("other.qcow2");
+    let other = dir.file("other.qcow2");
     ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &other, "64M"]);
     ok_tool("qemu-img", &["bitmap", "--add", "-g", "4k", &other, "src"]);
     ok_tool("qemu-io", &["-c", "write 30M 8k", "-f", "qcow2", &other]);
@@ -326,7 +302,7 @@ fn bitmap_operations_round_trip_through_qemu() {
         ])
     );
     // Bitmaps of a disk of another size are not merged, as with qemu-img.
-    let small = dir.path("small.qcow2");
+    let small = dir.file("small.qcow2");
     ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &small, "8M"]);
     ok_tool("qemu-img", &["bitmap", "--add", &small, "s"]);
     assert_eq!(
@@ -373,8 +349,8 @@ fn dirty_text_matches_nbdinfo() {
     if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") || !have("nbdinfo") {
         return;
     }
-    let dir = TempDir::new("text");
-    let img = dir.path("t.qcow2");
+    let dir = Scratch::new("text");
+    let img = dir.file("t.qcow2");
     ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &img, "64M"]);
     ok_tool("qemu-img", &["bitmap", "--add", &img, "b"]);
     ok_tool(
@@ -417,8 +393,8 @@ fn operations_run_in_order() {
     if !have("qemu-img") {
         return;
     }
-    let dir = TempDir::new("order");
-    let img = dir.path("o.qcow2");
+    let dir = Scratch::new("order");
+    let img = dir.file("o.qcow2");
     ok(&["create", "-q", &img, "8M"]);
     let err = fails(&["bitmap", "--disable", "--add", &img, "x"]);
     assert_eq!(
@@ -432,7 +408,7 @@ fn operations_run_in_order() {
     assert_eq!(qemu_bitmaps(&img), vec![listed("x", 65536, &["auto"])]);
     check_clean(&img);
     // The same sequences through qemu-img end the same way.
-    let q = dir.path("q.qcow2");
+    let q = dir.file("q.qcow2");
     ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &q, "8M"]);
     for ops in [
         &["--disable", "--add"][..],
@@ -459,8 +435,8 @@ fn bitmap_errors_are_one_line() {
     if !have("qemu-img") {
         return;
     }
-    let dir = TempDir::new("errors");
-    let img = dir.path("e.qcow2");
+    let dir = Scratch::new("errors");
+    let img = dir.file("e.qcow2");
     ok(&["create", "-q", &img, "8M"]);
     ok(&["bitmap", "--add", &img, "b"]);
     assert_eq!(
@@ -508,7 +484,7 @@ fn bitmap_errors_are_one_line() {
     assert_eq!(qemu_bitmaps(&img), vec![listed("b", 65536, &["auto"])]);
     check_clean(&img);
     // A version 2 image has no room for bitmaps.
-    let v2 = dir.path("v2.qcow2");
+    let v2 = dir.file("v2.qcow2");
     ok(&["create", "-q", "-o", "compat=0.10", &v2, "8M"]);
     let err = fails(&["bitmap", "--add", &v2, "b"]);
     assert!(err.contains("version 3"), "{err}");
@@ -521,9 +497,9 @@ fn bitmaps_of_an_encrypted_image() {
     if !have("qemu-img") {
         return;
     }
-    let dir = TempDir::new("luks");
-    let img = dir.path("l.qcow2");
-    let pw = dir.path("pw");
+    let dir = Scratch::new("luks");
+    let img = dir.file("l.qcow2");
+    let pw = dir.file("pw");
     std::fs::write(&pw, "hunter2").unwrap();
     let object = format!("secret,id=s0,file={pw}");
     ok_tool(
@@ -564,8 +540,8 @@ fn an_inconsistent_bitmap_can_only_be_removed() {
     if !have("qemu-img") || !have("qemu-io") {
         return;
     }
-    let dir = TempDir::new("inuse");
-    let img = dir.path("u.qcow2");
+    let dir = Scratch::new("inuse");
+    let img = dir.file("u.qcow2");
     ok_tool("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
     ok_tool("qemu-img", &["bitmap", "--add", &img, "a"]);
     ok_tool("qemu-img", &["bitmap", "--add", &img, "keep"]);

@@ -3,8 +3,11 @@
 //! same value (except host-dependent keys), and cowdisk may add nothing but its
 //! `cowdisk` extension object. Skipped when qemu-img is missing.
 
+mod common;
+
+use common::Scratch;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// Keys whose values depend on the host rather than on the image: compared for
@@ -13,32 +16,6 @@ const HOST_DEPENDENT: &[&str] = &["actual-size"];
 
 /// The one key cowdisk may print that qemu-img does not.
 const EXTENSION: &str = "cowdisk";
-
-/// A scratch folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates a fresh folder whose name includes the test name and the process id.
-    fn new(test: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("cowdisk-infocompat-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    /// A path inside the folder, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    /// Removes the folder and everything in it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Whether `tool` can be run.
 fn have(tool: &str) -> bool {
@@ -203,7 +180,7 @@ fn info_json_matches_qemu_img_key_by_key() {
         eprintln!("qemu-img not found; skipping");
         return;
     }
-    let tmp = TempDir::new("keys");
+    let tmp = Scratch::new("keys");
     let dir = tmp.0.as_path();
     let qemu = |args: &[&str]| ok_in(dir, "qemu-img", args);
 
@@ -412,7 +389,7 @@ fn info_json_matches_qemu_img_key_by_key() {
         assert_text_agrees(dir, image, &["--backing-chain"]);
     }
     // Absolute names give absolute full-backing-filename values in both.
-    let top = tmp.path("top.qcow2");
+    let top = tmp.file("top.qcow2");
     assert_info_agrees(dir, &top, &["--backing-chain"]);
     let chain: Value = serde_json::from_str(&ok_in(
         dir,
@@ -469,7 +446,7 @@ fn info_lists_bitmaps_as_qemu_img() {
         eprintln!("qemu-img or qemu-io not found; skipping");
         return;
     }
-    let tmp = TempDir::new("bitmaps");
+    let tmp = Scratch::new("bitmaps");
     let dir = tmp.0.as_path();
     let qemu = |args: &[&str]| ok_in(dir, "qemu-img", args);
 

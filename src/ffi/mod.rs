@@ -17,6 +17,7 @@ mod compress;
 mod convert;
 mod errors;
 mod options;
+mod records;
 mod snapshot;
 
 use std::ffi::{c_char, c_int, CStr};

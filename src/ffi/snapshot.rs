@@ -205,31 +205,14 @@ pub unsafe extern "C" fn cowdisk_snapshot_list(
     count: *mut usize,
 ) -> c_int {
     guard_handle("cowdisk_snapshot_list", img, |h| {
-        if count.is_null() || (out.is_null() && max > 0) {
-            return Err(Error::InvalidArgument(
-                "count must be non-NULL, and out too when max > 0".into(),
-            ));
-        }
-        let stride = if max > 0 {
-            let declared = *(out as *const u32) as usize;
-            if declared < 8 || !declared.is_multiple_of(8) {
-                return Err(Error::InvalidArgument(format!(
-                    "cowdisk_snapshot_info.struct_size is {declared}; set out[0].struct_size to sizeof(cowdisk_snapshot_info)"
-                )));
-            }
-            declared
-        } else {
-            0
-        };
-        let list = h.image.snapshots()?;
-        let n = stride.min(std::mem::size_of::<cowdisk_snapshot_info>());
-        for (i, s) in list.iter().take(max).enumerate() {
-            let c = to_c_info(s, stride as u32);
-            let dst = (out as *mut u8).add(i * stride);
-            std::ptr::copy_nonoverlapping(&c as *const _ as *const u8, dst, n);
-        }
-        *count = list.len();
-        Ok(())
+        super::records::fill_records(
+            "cowdisk_snapshot_info",
+            out,
+            max,
+            count,
+            || h.image.snapshots(),
+            to_c_info,
+        )
     })
 }
 

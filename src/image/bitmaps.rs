@@ -77,6 +77,17 @@ struct Bitmap {
     changed: bool,
 }
 
+/// What a store wrote before switching the header to it.
+#[derive(Default)]
+struct Staged {
+    /// Bitmaps given a new table, with the table each had before.
+    replaced: Vec<(usize, Option<StoredTable>)>,
+    /// The new directory: (offset, bytes).
+    directory: Option<(u64, u64)>,
+    /// Entries of the new directory.
+    nb_bitmaps: u32,
+}
+
 /// The bitmaps of an open image.
 #[derive(Debug, Default)]
 pub(crate) struct Bitmaps {
@@ -414,81 +425,79 @@ impl Meta {
         if self.read_only || !self.bitmaps.needs_store() || self.bitmaps.error.is_some() {
             return Ok(());
         }
+        let mut staged = Staged::default();
+        let switched = self
+            .stage_bitmaps(&mut staged)
+            // Refcounts and data durable before the header points at them.
+            .and_then(|()| self.flush_metadata())
+            .and_then(|()| self.switch_bitmaps_header(&staged));
+        if let Err(e) = switched {
+            // Unless the header write left the disk in doubt, the old state stands.
+            if !self.in_doubt {
+                self.abandon_staged(staged);
+            }
+            return Err(e);
+        }
+        // Switched: the old directory and the replaced tables are garbage now (freed
+        // by the metadata flush below, after a barrier).
         let cs = self.cluster_size;
-        let mut new_tables: Vec<(usize, StoredTable)> = Vec::new();
-        let mut result = Ok(());
+        if let Some((off, len)) = self.bitmaps.directory.take() {
+            self.free_later(off, len.div_ceil(cs));
+        }
+        for t in staged.replaced.iter().filter_map(|(_, t)| t.as_ref()) {
+            self.free_stored(t);
+        }
+        for t in std::mem::take(&mut self.bitmaps.removed) {
+            self.free_stored(&t);
+        }
+        self.bitmaps.directory = staged.directory;
+        self.bitmaps.marked_in_use = false;
+        self.bitmaps.directory_changed = false;
+        for b in &mut self.bitmaps.list {
+            b.changed = false;
+        }
+        self.rebuild_metadata_index();
+        self.flush_metadata()
+    }
+
+    /// Writes new tables for the changed bitmaps and the new directory (in_use
+    /// cleared) to new clusters, recording in `staged` what it did.
+    fn stage_bitmaps(&mut self, staged: &mut Staged) -> Result<()> {
         for i in 0..self.bitmaps.list.len() {
             let b = &self.bitmaps.list[i];
             if b.inconsistent || (!b.changed && b.stored.is_some()) {
                 continue;
             }
-            match self.store_table(i) {
-                Ok(t) => new_tables.push((i, t)),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
+            let table = self.store_table(i)?;
+            let old = self.bitmaps.list[i].stored.replace(table);
+            staged.replaced.push((i, old));
         }
-        let give_back = |meta: &mut Meta, tables: &[(usize, StoredTable)]| {
-            for (_, t) in tables {
-                meta.free_stored(t);
-            }
-        };
-        if let Err(e) = result {
-            give_back(self, &new_tables);
-            return Err(e);
-        }
-        // The new directory, with the new tables and in_use cleared.
-        let old_stored: Vec<(usize, Option<StoredTable>)> = new_tables
-            .iter()
-            .map(|(i, t)| (*i, self.bitmaps.list[*i].stored.replace(t.clone())))
-            .collect();
         let entries = self.directory_entries(false);
-        let restore = |meta: &mut Meta, old: &[(usize, Option<StoredTable>)]| {
-            for (i, t) in old {
-                meta.bitmaps.list[*i].stored = t.clone();
-            }
-        };
-        let mut new_dir = None;
-        if !entries.is_empty() {
-            let bytes = codec::serialize_directory(&entries);
-            if bytes.len() as u64 > codec::MAX_DIRECTORY_SIZE {
-                restore(self, &old_stored);
-                give_back(self, &new_tables);
-                return Err(invalid!("the bitmap directory would exceed 64 MiB"));
-            }
-            let clusters = (bytes.len() as u64).div_ceil(cs);
-            let written = self.alloc_clusters(clusters).and_then(|off| {
-                let mut padded = bytes.clone();
-                padded.resize((clusters * cs) as usize, 0);
-                self.write_host("bitmap directory", &padded, off)
-                    .map(|()| off)
-                    .inspect_err(|_| self.free_later(off, clusters))
-            });
-            match written {
-                Ok(off) => new_dir = Some((off, bytes.len() as u64)),
-                Err(e) => {
-                    restore(self, &old_stored);
-                    give_back(self, &new_tables);
-                    return Err(e);
-                }
-            }
+        staged.nb_bitmaps = entries.len() as u32;
+        if entries.is_empty() {
+            return Ok(());
         }
-        // Refcounts and data durable before the header points at them.
-        if let Err(e) = self.flush_metadata() {
-            restore(self, &old_stored);
-            give_back(self, &new_tables);
-            if let Some((off, len)) = new_dir {
-                self.free_later(off, len.div_ceil(cs));
-            }
-            return Err(e);
+        let bytes = codec::serialize_directory(&entries);
+        if bytes.len() as u64 > codec::MAX_DIRECTORY_SIZE {
+            return Err(invalid!("the bitmap directory would exceed 64 MiB"));
         }
+        let cs = self.cluster_size;
+        let clusters = (bytes.len() as u64).div_ceil(cs);
+        let off = self.alloc_clusters(clusters)?;
+        staged.directory = Some((off, bytes.len() as u64));
+        let mut padded = bytes;
+        padded.resize((clusters * cs) as usize, 0);
+        self.write_host("bitmap directory", &padded, off)
+    }
+
+    /// Points the header at the staged directory (or drops the extension when no
+    /// bitmap is left); on failure `switch_header` restores the header in memory.
+    fn switch_bitmaps_header(&mut self, staged: &Staged) -> Result<()> {
         let old = self.header.clone();
-        match new_dir {
+        match staged.directory {
             Some((offset, size)) => {
                 self.header.bitmaps = Some(BitmapsExtension {
-                    nb_bitmaps: entries.len() as u32,
+                    nb_bitmaps: staged.nb_bitmaps,
                     directory_size: size,
                     directory_offset: offset,
                 });
@@ -499,38 +508,20 @@ impl Meta {
                 self.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
             }
         }
-        if let Err(e) = self.switch_header(&old) {
-            if !self.in_doubt {
-                restore(self, &old_stored);
-                give_back(self, &new_tables);
-                if let Some((off, len)) = new_dir {
-                    self.free_later(off, len.div_ceil(cs));
-                }
+        self.switch_header(&old)
+    }
+
+    /// Undoes a store that did not switch: the bitmaps get their old tables back and
+    /// the clusters written for the new ones are freed.
+    fn abandon_staged(&mut self, staged: Staged) {
+        for (i, old) in staged.replaced {
+            if let Some(new) = std::mem::replace(&mut self.bitmaps.list[i].stored, old) {
+                self.free_stored(&new);
             }
-            return Err(e);
         }
-        // Switched: the old directory and the replaced tables are garbage now (freed
-        // by the metadata flush below, after a barrier).
-        if let Some((off, len)) = self.bitmaps.directory.take() {
-            self.free_later(off, len.div_ceil(cs));
+        if let Some((off, len)) = staged.directory {
+            self.free_later(off, len.div_ceil(self.cluster_size));
         }
-        for (_, t) in old_stored
-            .iter()
-            .filter_map(|(i, t)| Some((i, t.as_ref()?)))
-        {
-            self.free_stored(t);
-        }
-        for t in std::mem::take(&mut self.bitmaps.removed) {
-            self.free_stored(&t);
-        }
-        self.bitmaps.directory = new_dir;
-        self.bitmaps.marked_in_use = false;
-        self.bitmaps.directory_changed = false;
-        for b in &mut self.bitmaps.list {
-            b.changed = false;
-        }
-        self.rebuild_metadata_index();
-        self.flush_metadata()
     }
 
     /// Frees a stored table and its data clusters (at the next metadata flush).

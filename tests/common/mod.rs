@@ -24,6 +24,11 @@ impl Scratch {
     pub fn path(&self, file: &str) -> PathBuf {
         self.0.join(file)
     }
+
+    /// A path inside the folder as a string, for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
 }
 
 impl Drop for Scratch {

@@ -497,19 +497,24 @@ class Image:
         """Returns :meth:`extents` as a list: like ``qemu-img map --output=json``."""
         return list(self.extents(offset, length))
 
+    def _list(self, fn, ctype, record) -> list:
+        """Calls a ``cowdisk_*_list`` function (count first, then the records) and
+        converts each C record with ``record._from_c``."""
+        count = ctypes.c_size_t()
+        while True:
+            self._call(fn, None, 0, ctypes.byref(count))
+            n = count.value
+            buf = (ctype * max(n, 1))()
+            buf[0].struct_size = ctypes.sizeof(ctype)
+            self._call(fn, buf, n, ctypes.byref(count))
+            if count.value <= n:  # else one was added meanwhile: ask again
+                return [record._from_c(buf[i]) for i in range(count.value)]
+
     # --- internal snapshots and VM state ---
 
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order, as :class:`Snapshot` records."""
-        count = ctypes.c_size_t()
-        while True:
-            self._call(_lib.cowdisk_snapshot_list, None, 0, ctypes.byref(count))
-            n = count.value
-            buf = (_native.SnapshotInfo * max(n, 1))()
-            buf[0].struct_size = ctypes.sizeof(_native.SnapshotInfo)
-            self._call(_lib.cowdisk_snapshot_list, buf, n, ctypes.byref(count))
-            if count.value <= n:  # else one was added meanwhile: ask again
-                return [Snapshot._from_c(buf[i]) for i in range(count.value)]
+        return self._list(_lib.cowdisk_snapshot_list, _native.SnapshotInfo, Snapshot)
 
     def snapshot_create(
         self,
@@ -597,15 +602,7 @@ class Image:
         records. ``errno.ENOTSUP`` when the image's bitmaps could not be read (a
         read-only open of an image with a damaged bitmap directory; a read-write open
         with ``drop_bitmaps`` gives them up and lists none)."""
-        count = ctypes.c_size_t()
-        while True:
-            self._call(_lib.cowdisk_bitmap_list, None, 0, ctypes.byref(count))
-            n = count.value
-            buf = (_native.BitmapInfo * max(n, 1))()
-            buf[0].struct_size = ctypes.sizeof(_native.BitmapInfo)
-            self._call(_lib.cowdisk_bitmap_list, buf, n, ctypes.byref(count))
-            if count.value <= n:  # else one was added meanwhile: ask again
-                return [BitmapInfo._from_c(buf[i]) for i in range(count.value)]
+        return self._list(_lib.cowdisk_bitmap_list, _native.BitmapInfo, BitmapInfo)
 
     def bitmap_add(self, name: str, granularity: int = 0, enabled: bool = True) -> None:
         """Adds an empty persistent dirty bitmap, like ``qemu-img bitmap --add``.
