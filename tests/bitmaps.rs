@@ -535,6 +535,7 @@ fn crash_at_every_write_keeps_bitmaps_honest() {
         m.mark(3 * MIB, 70000);
         m
     };
+    let workload_seed = seed(99);
     let session = |path: &Path, fail_after: Option<u64>| -> (bool, u64, Vec<(u64, u64)>) {
         let file = FileStorage::open(path, true, false).unwrap();
         let faulty = Arc::new(FaultStorage::new(Arc::new(file) as Arc<dyn Storage>));
@@ -544,7 +545,7 @@ fn crash_at_every_write_keeps_bitmaps_honest() {
         let Ok(img) = Image::open_storage(faulty.clone(), &OpenOptions::default()) else {
             return (false, faulty.writes_seen(), vec![]);
         };
-        let mut rng = Rng::new(99);
+        let mut rng = Rng::new(workload_seed);
         let mut done = Vec::new();
         for _ in 0..25 {
             let len = 1 + rng.below(100_000);

@@ -557,3 +557,41 @@ fn block_status_matches_qemu_img_map() {
     img.close().unwrap();
     assert_map_matches(&top);
 }
+
+/// Growing an overlay whose old last cluster is partial and unallocated: the bytes
+/// from the old end on must read as zeros, not as the backing file's (found by the
+/// differential test with COWDISK_SEED=606).
+#[test]
+fn growing_over_a_backing_file_hides_it_from_the_old_end() {
+    let s = Scratch::new("grow-over-backing");
+    let base = s.path("base.qcow2");
+    Image::create(&base, 4 << 20, &CreateOptions::default()).unwrap();
+    let b = Image::open(&base, &OpenOptions::default()).unwrap();
+    b.write_at(&vec![0x7eu8; 4 << 20], 0).unwrap();
+    b.close().unwrap();
+    let top = s.path("top.qcow2");
+    let create = CreateOptions {
+        backing_file: Some("base.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..CreateOptions::default()
+    };
+    Image::create(&top, 4 << 20, &create).unwrap();
+    let img = Image::open(&top, &OpenOptions::default()).unwrap();
+    let old_end = (1 << 20) + 1536; // inside an unallocated cluster of the overlay
+    img.resize(old_end, true).unwrap();
+    img.resize(3 << 20, false).unwrap();
+    let mut buf = vec![0u8; (3 << 20) - old_end as usize];
+    img.read_at(&mut buf, old_end).unwrap();
+    assert!(
+        buf.iter().all(|&x| x == 0),
+        "bytes past the old end show the backing file"
+    );
+    let mut head = vec![0u8; old_end as usize];
+    img.read_at(&mut head, 0).unwrap();
+    assert!(
+        head.iter().all(|&x| x == 0x7e),
+        "the backing file still shows below the old end"
+    );
+    img.close().unwrap();
+    qemu_check_clean(&top);
+}

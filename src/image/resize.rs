@@ -50,15 +50,19 @@ impl Meta {
         // What becomes visible must read as zeros: the stale tail of the old last
         // cluster, and (over a backing file) everything the backing file would show.
         let tail_end = old_size.next_multiple_of(self.cluster_size).min(new_size);
+        let mut zeroed_to = old_size;
         if tail_end > old_size {
             if let Mapping::Normal { .. } | Mapping::Compressed { .. } = self.mapping(old_size)? {
                 self.write_sectors(&vec![0u8; (tail_end - old_size) as usize], old_size)?;
+                zeroed_to = tail_end;
             }
         }
+        // An unallocated old last cluster shows the backing file from the old end on,
+        // so zeroing starts there, not at the next cluster.
         if let Some(b) = &self.backing {
             let backing_end = b.size().min(new_size);
-            if backing_end > tail_end {
-                self.write_zeroes(tail_end, backing_end - tail_end, false)?;
+            if backing_end > zeroed_to {
+                self.write_zeroes(zeroed_to, backing_end - zeroed_to, false)?;
             }
         }
         Ok(())
